@@ -1,0 +1,5 @@
+import sys
+
+from fusedgpt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,144 @@
+"""Plain, differentiable PyTorch versions of every fused op.
+
+Each is both the fallback the dispatcher takes where a kernel cannot run and the oracle the
+tests compare the kernels against (called on float64 copies of the inputs). They are
+written to be read: no fusion, no chunking, no tricks beyond computing half-precision
+inputs in float32, which is what the kernels do too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def _compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    """float64 if any input is float64, else float32: half inputs are computed in fp32."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(dtype)
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` over the last dim; output in x's dtype."""
+    dtype = _compute_dtype(x, weight, bias)
+    y = F.layer_norm(x.to(dtype), (x.shape[-1],), weight.to(dtype), _cast(bias, dtype), eps)
+    return y.to(x.dtype)
+
+
+def add_layer_norm(
+    x: Tensor, residual: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5
+) -> tuple[Tensor, Tensor]:
+    """``summed = x + residual``; returns ``(layer_norm(summed), summed)``."""
+    summed = x + residual
+    return layer_norm(summed, weight, bias, eps), summed
+
+
+def cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+) -> Tensor:
+    """Softmax cross-entropy over the last dim of ``logits`` (..., V) for int64 ``target`` (...).
+
+    Per token: ``(1 - s) * (lse - logit[target]) + s * (lse - mean(logits)) + z * lse**2``
+    with ``lse = logsumexp(logits)``, ``s`` the label smoothing and ``z`` the z-loss weight;
+    0 where ``target == ignore_index``. ``mean`` divides by the number of tokens not ignored,
+    and gives 0 (not nan) when every token is ignored. The loss is returned in fp32 (fp64 for
+    fp64 logits).
+    """
+    dtype = _compute_dtype(logits)
+    flat = logits.reshape(-1, logits.shape[-1]).to(dtype)
+    flat_target = target.reshape(-1)
+    keep = flat_target != ignore_index
+    safe_target = torch.where(keep, flat_target, torch.zeros_like(flat_target))
+    lse = torch.logsumexp(flat, dim=-1)
+    target_logit = flat.gather(-1, safe_target[:, None]).squeeze(-1)
+    loss = (1.0 - label_smoothing) * (lse - target_logit)
+    if label_smoothing:
+        loss = loss + label_smoothing * (lse - flat.mean(dim=-1))
+    if z_loss:
+        loss = loss + z_loss * lse.square()
+    loss = torch.where(keep, loss, torch.zeros_like(loss))
+    if reduction == "none":
+        return loss.reshape(target.shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / keep.sum().clamp(min=1).to(dtype)
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+) -> Tensor:
+    """The naive oracle: full logits ``hidden @ weight.T + bias``, then :func:`cross_entropy`."""
+    logits = F.linear(hidden, weight, bias)
+    return cross_entropy(logits, target, ignore_index, reduction, label_smoothing, z_loss)
+
+
+def causal_mask(tq: int, tk: int, device: torch.device) -> Tensor:
+    """(tq, tk) bool, True where query i may see key j: ``j <= i + tk - tq`` (bottom-right
+    aligned, so the last query sees every key, as decoding with a KV cache needs)."""
+    rows = torch.arange(tq, device=device)[:, None]
+    cols = torch.arange(tk, device=device)[None, :]
+    return cols <= rows + (tk - tq)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    dropout_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """``softmax(q @ k.T * scale + mask) @ v`` for q (B, H, Tq, D), k and v (B, H, Tk, D).
+
+    ``dropout_mask`` (B, H, Tq, Tk) bool, True = keep, reproduces a given dropout draw
+    (kept probabilities are scaled by ``1 / (1 - dropout_p)``). Without it, ``dropout_p``
+    draws from torch's generator. Rows with no visible key (possible only when causal and
+    ``Tq > Tk``) output 0.
+    """
+    dtype = _compute_dtype(q, k, v)
+    qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    tq, tk = q.shape[-2], k.shape[-2]
+    if dropout_mask is None and not (causal and tq > tk):
+        # The fast path for the fallback: SDPA, with an explicit mask where torch's own
+        # causal flag (top-left aligned) would disagree with ours.
+        mask = causal_mask(tq, tk, q.device) if causal and tq != tk else None
+        out = F.scaled_dot_product_attention(
+            qf, kf, vf, attn_mask=mask, dropout_p=dropout_p,
+            is_causal=causal and tq == tk, scale=scale,
+        )
+        return out.to(q.dtype)
+    scores = torch.matmul(qf, kf.transpose(-2, -1)) * scale
+    if causal:
+        visible = causal_mask(tq, tk, q.device)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # rows that see no key
+    if dropout_mask is not None:
+        probs = probs * dropout_mask.to(dtype) / (1.0 - dropout_p)
+    elif dropout_p:
+        probs = F.dropout(probs, dropout_p)
+    return torch.matmul(probs, vf).to(q.dtype)

@@ -1,0 +1,187 @@
+import pytest
+import torch
+
+from fusedgpt.kernels import add_layer_norm, layer_norm, reference
+from fusedgpt.kernels import layernorm as layernorm_module
+from fusedgpt.kernels.backend import BackendUnavailableError
+from tests.kernels.parity import assert_parity
+
+SHAPES = [(1, 1), (3, 7, 768), (2, 5, 1023), (4, 3, 4099), (2, 9001)]  # 4099, 9001 > widest block
+
+
+def _inputs(shape, dtype, device, bias=True, residual=False, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    n = shape[-1]
+    inputs = dict(
+        x=torch.randn(shape, generator=generator).mul(3).add(1).to(device, dtype),
+        weight=torch.randn(n, generator=generator).to(device),
+    )
+    if residual:
+        inputs["residual"] = torch.randn(shape, generator=generator).to(device, dtype)
+    if bias:
+        inputs["bias"] = torch.randn(n, generator=generator).to(device)
+    return inputs
+
+
+def test_widest_test_row_exceeds_largest_block():
+    assert max(s[-1] for s in SHAPES) > layernorm_module.MAX_BLOCK_N
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_layer_norm_parity(shape, dtype, bias, device):
+    assert_parity(
+        lambda **kw: layer_norm(**kw, backend="triton"), reference.layer_norm, _inputs(shape, dtype, device, bias)
+    )
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_add_layer_norm_parity(shape, dtype, bias, device):
+    # Gradients arrive through both outputs: normed, and summed (the residual stream).
+    assert_parity(
+        lambda **kw: add_layer_norm(**kw, backend="triton"),
+        reference.add_layer_norm,
+        _inputs(shape, dtype, device, bias, residual=True),
+    )
+
+
+@pytest.mark.parametrize("used", ["normed", "summed"])
+def test_add_layer_norm_one_output_used(used, device):
+    inputs = _inputs((3, 5, 300), torch.float32, device, residual=True)
+
+    def first_or_second(fn):
+        index = 0 if used == "normed" else 1
+        return lambda **kw: fn(**kw)[index] * 1.5
+
+    assert_parity(first_or_second(lambda **kw: add_layer_norm(**kw, backend="triton")),
+                  first_or_second(reference.add_layer_norm), inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_non_contiguous_inputs(dtype, device):
+    inputs = _inputs((6, 4, 200), dtype, device, residual=True)
+
+    def strided(fn):
+        # x: transposed (column stride != 1, copied on purpose); residual: a row-strided
+        # slice (read in place through its row stride); weight: a stride-2 view.
+        def call(x, residual, weight, bias):
+            wide = torch.cat([residual, residual], dim=-1)[..., :200]
+            return fn(x.transpose(0, 1), wide.transpose(0, 1), torch.stack([weight, weight], 1)[:, 0], bias)
+        return call
+
+    assert_parity(strided(lambda *a: add_layer_norm(*a, backend="triton")), strided(reference.add_layer_norm), inputs)
+    assert_parity(
+        lambda x, weight, bias: layer_norm(x[:, ::2], weight, bias, backend="triton"),
+        lambda x, weight, bias: reference.layer_norm(x[:, ::2], weight, bias),
+        _inputs((5, 6, 200), dtype, device),
+    )
+
+
+def test_half_weights_and_eps(device):
+    inputs = _inputs((4, 33), torch.float16, device)
+    inputs = {k: v.half() for k, v in inputs.items()}
+    assert_parity(lambda **kw: layer_norm(**kw, eps=1e-3, backend="triton"),
+                  lambda **kw: reference.layer_norm(**kw, eps=1e-3), inputs)
+
+
+def test_empty_rows(device):
+    x = torch.randn(0, 16, device=device, requires_grad=True)
+    w = torch.ones(16, device=device, requires_grad=True)
+    y = layer_norm(x, w, backend="triton")
+    y.sum().backward()
+    assert y.shape == (0, 16) and torch.equal(w.grad, torch.zeros(16, device=device))
+
+
+def test_torch_compile_fullgraph_matches_eager(device):
+    inputs = _inputs((2, 3, 64), torch.float32, device, residual=True)
+
+    def block(x, residual, weight, bias, backend="triton"):
+        normed, summed = add_layer_norm(x, residual, weight, bias, backend=backend)
+        return layer_norm(normed.relu() + summed, weight, None, backend=backend)
+
+    compiled = torch.compile(block, fullgraph=True)
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    eager_leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    compiled(**leaves).square().sum().backward()
+    block(**eager_leaves).square().sum().backward()
+    for name in leaves:
+        torch.testing.assert_close(leaves[name].grad, eager_leaves[name].grad, rtol=1e-5, atol=1e-5)
+    assert_parity(compiled, lambda **kw: block(**kw, backend="torch"), inputs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_bf16_parity_gpu(shape):
+    assert_parity(lambda **kw: add_layer_norm(**kw, backend="triton"), reference.add_layer_norm,
+                  _inputs(shape, torch.bfloat16, "cuda", residual=True))
+
+
+# ------------------------------------------------------------------ dispatch and bad input
+
+
+def test_auto_sends_bf16_to_reference_under_interpreter():
+    if torch.cuda.is_available():
+        pytest.skip("on CUDA bf16 runs the kernel")
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    w = torch.ones(8)
+    torch.testing.assert_close(layer_norm(x, w), reference.layer_norm(x, w))
+    with pytest.raises(BackendUnavailableError, match="bfloat16"):
+        layer_norm(x, w, backend="triton")
+
+
+def test_explicit_triton_without_interpreter_raises(monkeypatch):
+    monkeypatch.setattr("fusedgpt.kernels.backend.INTERPRETER_ON", False)
+    x, w = torch.randn(2, 8), torch.ones(8)
+    with pytest.raises(BackendUnavailableError, match="backend='triton'.*TRITON_INTERPRET"):
+        layer_norm(x, w, backend="triton")
+    # auto takes the reference, and so does the environment default
+    torch.testing.assert_close(layer_norm(x, w), reference.layer_norm(x, w))
+
+
+def test_env_var_chooses_default(monkeypatch):
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("the kernel ran although the torch backend was chosen")
+
+    monkeypatch.setattr(layernorm_module, "layer_norm_forward", no_kernel)
+    monkeypatch.setenv("FUSEDGPT_BACKEND", "torch")
+    x, w = torch.randn(2, 8), torch.ones(8)
+    torch.testing.assert_close(layer_norm(x, w), reference.layer_norm(x, w))
+    monkeypatch.setenv("FUSEDGPT_BACKEND", "cuda-please")
+    with pytest.raises(ValueError, match="FUSEDGPT_BACKEND"):
+        layer_norm(x, w)
+
+
+def test_float64_goes_to_reference_under_auto():
+    x, w = torch.randn(2, 8, dtype=torch.float64), torch.ones(8, dtype=torch.float64)
+    torch.testing.assert_close(layer_norm(x, w), reference.layer_norm(x, w))
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        layer_norm(x, w, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "call, error, words",
+    [
+        (lambda x, w: layer_norm(x, torch.ones(7)), ValueError, "weight must have shape \\(8,\\)"),
+        (lambda x, w: layer_norm(x, w, torch.ones(3)), ValueError, "bias must have shape"),
+        (lambda x, w: layer_norm(x.long(), w), TypeError, "x must be float32"),
+        (lambda x, w: layer_norm(x, w.int()), TypeError, "weight must be float32"),
+        (lambda x, w: layer_norm(x, w, eps=0.0), ValueError, "eps must be a positive"),
+        (lambda x, w: layer_norm(x, w, eps=-1e-5), ValueError, "eps must be a positive"),
+        (lambda x, w: layer_norm(x, w, backend="cuda"), ValueError, "backend must be one of"),
+        (lambda x, w: layer_norm(x.numpy(), w), TypeError, "x must be a torch.Tensor"),
+        (lambda x, w: layer_norm(x, w.to("meta")), ValueError, "one device.*weight on meta"),
+        (lambda x, w: add_layer_norm(x, x[:, :4], w), ValueError, "residual must have x's shape"),
+        (lambda x, w: add_layer_norm(x, x.half(), w), TypeError, "residual must have x's dtype"),
+        (lambda x, w: layer_norm(torch.randn(3, 0), torch.ones(0)), ValueError, "last dimension"),
+    ],
+)
+def test_bad_input(call, error, words, monkeypatch):
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a kernel launched before the input was rejected")
+
+    monkeypatch.setattr(layernorm_module, "layer_norm_forward", no_kernel)
+    with pytest.raises(error, match=words):
+        call(torch.randn(3, 8), torch.ones(8))
