@@ -14,7 +14,6 @@ environment variable when the argument is ``None``):
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Iterable, Literal, Optional
 
@@ -33,14 +32,16 @@ class BackendUnavailableError(RuntimeError):
     """``backend="triton"`` was asked for where the kernel cannot run."""
 
 
-@functools.lru_cache(maxsize=None)
-def triton_import_error() -> Optional[str]:
-    """``None`` when Triton imports, otherwise the reason it does not."""
+def _triton_import_error() -> Optional[str]:
     try:
         import triton  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install raising anything else
         return f"Triton cannot be imported ({type(exc).__name__}: {exc})"
     return None
+
+
+# ``None`` when Triton imports, otherwise the reason it does not (checked once).
+TRITON_IMPORT_ERROR: Optional[str] = _triton_import_error()
 
 
 def default_backend() -> str:
@@ -54,9 +55,8 @@ def default_backend() -> str:
 def why_triton_cannot_run(tensors: Iterable[Optional[torch.Tensor]]) -> Optional[str]:
     """The reason the Triton path cannot run on these tensors, or ``None`` when it can."""
     present = [t for t in tensors if t is not None]
-    reason = triton_import_error()
-    if reason:
-        return reason
+    if TRITON_IMPORT_ERROR:
+        return TRITON_IMPORT_ERROR
     device_types = {t.device.type for t in present}
     if device_types == {"cuda"}:
         return None
