@@ -6,7 +6,7 @@ from fusedgpt.kernels import layernorm as layernorm_module
 from fusedgpt.kernels.backend import BackendUnavailableError
 from tests.kernels.parity import assert_parity
 
-SHAPES = [(1, 1), (3, 7, 768), (2, 5, 1023), (4, 3, 4099), (2, 9001)]  # 4099, 9001 > widest block
+SHAPES = [(1, 1), (3, 7, 768), (2, 5, 1023), (4, 3, 4099), (2, 9001), (1, 65536)]  # the last three loop over blocks
 
 
 def _inputs(shape, dtype, device, bias=True, residual=False, seed=0):

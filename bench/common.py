@@ -1,0 +1,133 @@
+"""Shared pieces of the benchmarks: GPU peak table, timing, environment labels, output."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import statistics
+import subprocess
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+
+# Dense bf16 tensor-core TFLOP/s (no sparsity) and HBM/GDDR bandwidth in GB/s, from the
+# vendors' data sheets. RTX 4090: bf16 with fp32 accumulation.
+GPU_PEAKS: dict[str, tuple[float, float]] = {
+    "A100-SXM4-40GB": (312.0, 1555.0),
+    "A100-PCIE-40GB": (312.0, 1555.0),
+    "A100-SXM4-80GB": (312.0, 2039.0),
+    "A100 80GB PCIe": (312.0, 1935.0),
+    "H100 80GB HBM3": (989.4, 3352.0),  # SXM5
+    "H100 PCIe": (756.0, 2039.0),
+    "H100 NVL": (835.0, 3938.0),
+    "H200": (989.4, 4800.0),
+    "L4": (121.0, 300.0),
+    "L40S": (362.05, 864.0),
+    "RTX 4090": (165.2, 1008.0),
+}
+
+CPU_WARNING = (
+    "CPU SMOKE MODE: these timings come from the Triton interpreter / eager PyTorch on a CPU. "
+    "They check that the harness runs and the results are correct; they are NOT GPU figures "
+    "and say nothing about kernel speed."
+)
+
+
+def gpu_peaks(device: torch.device) -> Optional[tuple[float, float]]:
+    """(bf16 TFLOP/s, GB/s) of the CUDA device, matched on its name; None if unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in GPU_PEAKS.items():
+        if key.lower() in name.lower():
+            return peaks
+    return None
+
+
+def device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(" ", "-")
+    return "cpu"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def versions() -> dict:
+    import triton
+
+    return {
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda or "none",
+        "commit": git_commit(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, smoke: bool) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds. On CUDA: ``triton.testing.do_bench``. In smoke mode:
+    a few wall-clock repetitions, for the harness only."""
+    if device.type == "cuda" and not smoke:
+        import triton.testing
+
+        median, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        return median, p20, p80
+    samples = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    samples.sort()
+    return statistics.median(samples), samples[0], samples[-1]
+
+
+def results_dir(device: torch.device, root: str = "bench/results") -> str:
+    path = os.path.join(root, f"{device_label(device)}-{datetime.date.today().isoformat()}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_csv(path: str, rows: Sequence[dict], columns: Sequence[str]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def bar_chart(path: str, labels: Sequence[str], values: Sequence[float], title: str, ylabel: str) -> bool:
+    """A PNG bar chart when matplotlib is installed; returns whether one was written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, axes = plt.subplots(figsize=(max(6, 0.5 * len(labels)), 4))
+    axes.bar(range(len(values)), values)
+    axes.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+    axes.set_title(title)
+    axes.set_ylabel(ylabel)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
