@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: GPU peak table, timing, environment labels, output."""
+"""Shared pieces of the benchmarks: timing, environment labels, output."""
 
 from __future__ import annotations
 
@@ -12,38 +12,13 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-# Dense bf16 tensor-core TFLOP/s (no sparsity) and HBM/GDDR bandwidth in GB/s, from the
-# vendors' data sheets. RTX 4090: bf16 with fp32 accumulation.
-GPU_PEAKS: dict[str, tuple[float, float]] = {
-    "A100-SXM4-40GB": (312.0, 1555.0),
-    "A100-PCIE-40GB": (312.0, 1555.0),
-    "A100-SXM4-80GB": (312.0, 2039.0),
-    "A100 80GB PCIe": (312.0, 1935.0),
-    "H100 80GB HBM3": (989.4, 3352.0),  # SXM5
-    "H100 PCIe": (756.0, 2039.0),
-    "H100 NVL": (835.0, 3938.0),
-    "H200": (989.4, 4800.0),
-    "L4": (121.0, 300.0),
-    "L40S": (362.05, 864.0),
-    "RTX 4090": (165.2, 1008.0),
-}
+
 
 CPU_WARNING = (
     "CPU SMOKE MODE: these timings come from the Triton interpreter / eager PyTorch on a CPU. "
     "They check that the harness runs and the results are correct; they are NOT GPU figures "
     "and say nothing about kernel speed."
 )
-
-
-def gpu_peaks(device: torch.device) -> Optional[tuple[float, float]]:
-    """(bf16 TFLOP/s, GB/s) of the CUDA device, matched on its name; None if unknown."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, peaks in GPU_PEAKS.items():
-        if key.lower() in name.lower():
-            return peaks
-    return None
 
 
 def device_label(device: torch.device) -> str:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import common
+from fusedgpt.hardware import gpu_peaks
 
 Inputs = dict
 
@@ -83,7 +84,194 @@ LAYERNORM = OpBench(
     work=_layernorm_work,
 )
 
-OPS: dict[str, OpBench] = {"layernorm": LAYERNORM}
+
+# ------------------------------------------------------------------------ cross-entropy
+
+
+class Unavailable(Exception):
+    """A provider that is not installed or cannot run here: reported, not a failure."""
+
+
+def _liger(name: str):
+    try:
+        module = __import__("liger_kernel.transformers", fromlist=[name])
+    except ImportError as exc:
+        raise Unavailable("liger-kernel is not installed") from exc
+    return getattr(module, name)()
+
+
+def _cross_entropy_make(shape, dtype, device):
+    n, v = shape
+    return dict(logits=torch.randn(n, v, device=device, dtype=dtype) * 2, target=torch.randint(0, v, (n,), device=device))
+
+
+def _cross_entropy_fused(logits, target):
+    from fusedgpt.kernels import cross_entropy
+
+    return cross_entropy(logits, target, backend="triton")
+
+
+def _cross_entropy_eager(logits, target):
+    return F.cross_entropy(logits.float(), target)
+
+
+def _cross_entropy_liger(logits, target):
+    return _liger("LigerCrossEntropyLoss")(logits, target)
+
+
+def _cross_entropy_work(shape, dtype, mode):
+    # Forward reads the logits once; backward reads them again and writes their gradient.
+    n, v = shape
+    passes = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
+    return passes * n * v * torch.finfo(dtype).bits / 8 / 1e9, "GB"
+
+
+def _cross_entropy_reference(logits, target):
+    from fusedgpt.kernels import reference
+
+    return reference.cross_entropy(logits, target)
+
+
+CROSS_ENTROPY = OpBench(
+    shapes={
+        "smoke": [(7, 41), (5, 300)],
+        "gpt2": [(8 * 1024, 50257)],
+        "sweep": [(8 * 1024, v) for v in (8192, 32768, 50257, 128256)],
+    },
+    make=_cross_entropy_make,
+    providers={"fusedgpt": _cross_entropy_fused, "eager": _cross_entropy_eager, "compile": _cross_entropy_eager,
+               "liger": _cross_entropy_liger},
+    reference=_cross_entropy_reference,
+    work=_cross_entropy_work,
+)
+
+
+def _linear_ce_make(shape, dtype, device):
+    n, c, v = shape
+    return dict(hidden=torch.randn(n, c, device=device, dtype=dtype),
+                weight=torch.randn(v, c, device=device, dtype=dtype) / c**0.5,
+                target=torch.randint(0, v, (n,), device=device))
+
+
+def _linear_ce_fused(hidden, weight, target):
+    from fusedgpt.kernels import linear_cross_entropy
+
+    return linear_cross_entropy(hidden, weight, target, backend="triton")
+
+
+def _linear_ce_eager(hidden, weight, target):
+    return F.cross_entropy(F.linear(hidden, weight).float(), target)
+
+
+def _linear_ce_liger(hidden, weight, target):
+    return _liger("LigerFusedLinearCrossEntropyLoss")(weight, hidden, target)
+
+
+def _linear_ce_reference(hidden, weight, target):
+    from fusedgpt.kernels import reference
+
+    return reference.linear_cross_entropy(hidden, weight, target)
+
+
+def _linear_ce_work(shape, dtype, mode):
+    # The logits matmul (2NCV) forward; grad_hidden and grad_weight (4NCV) backward.
+    n, c, v = shape
+    return {"fwd": 2, "bwd": 4, "fwd+bwd": 6}[mode] * n * c * v / 1e12, "TFLOP"
+
+
+LINEAR_CROSS_ENTROPY = OpBench(
+    shapes={
+        "smoke": [(9, 16, 41)],
+        "gpt2": [(8 * 1024, 768, 50257)],
+        "sweep": [(n, c, 50257) for n, c in ((4096, 768), (8192, 768), (8192, 1600), (16384, 2048))],
+    },
+    make=_linear_ce_make,
+    providers={"fusedgpt": _linear_ce_fused, "eager": _linear_ce_eager, "compile": _linear_ce_eager,
+               "liger": _linear_ce_liger},
+    reference=_linear_ce_reference,
+    work=_linear_ce_work,
+)
+
+
+# ------------------------------------------------------------------------ attention
+
+
+def _attention_make(shape, dtype, device):
+    b, h, t, d = shape
+    return {name: torch.randn(b, h, t, d, device=device, dtype=dtype) for name in ("q", "k", "v")}
+
+
+def _attention_fused(q, k, v):
+    from fusedgpt.kernels import flash_attention
+
+    return flash_attention(q, k, v, causal=True, backend="triton")
+
+
+def _attention_eager(q, k, v):
+    # The textbook way: the T x T probabilities are materialised.
+    t = q.shape[-2]
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+
+def _sdpa(backend_name: str):
+    def run(q, k, v):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, backend_name)
+        try:
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        except RuntimeError as exc:
+            if "No available kernel" in str(exc) or "No viable backend" in str(exc):
+                raise Unavailable(f"SDPA {backend_name} cannot run these inputs here") from exc
+            raise
+    return run
+
+
+def _attention_flash_attn(q, k, v):
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError as exc:
+        raise Unavailable("flash-attn is not installed") from exc
+    return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
+
+
+def _attention_reference(q, k, v):
+    from fusedgpt.kernels import reference
+
+    return reference.attention(q, k, v, causal=True)
+
+
+def _attention_work(shape, dtype, mode):
+    # FlashAttention's count: 4 B H T^2 D forward, halved when causal; backward 2.5x.
+    b, h, t, d = shape
+    forward = 4 * b * h * t * t * d / 2
+    return {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode] * forward / 1e12, "TFLOP"
+
+
+ATTENTION = OpBench(
+    shapes={
+        "smoke": [(1, 2, 17, 16), (2, 1, 33, 64)],
+        "gpt2": [(8, 12, 1024, 64)],
+        # 16k tokens per batch, as in the FlashAttention-2 paper, head dims 64 and 128.
+        "sweep": [(16384 // t, 2048 // d, t, d) for d in (64, 128) for t in (512, 1024, 2048, 4096, 8192, 16384)],
+    },
+    make=_attention_make,
+    providers={
+        "fusedgpt": _attention_fused, "eager": _attention_eager, "compile": _attention_eager,
+        "sdpa-flash": _sdpa("FLASH_ATTENTION"), "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),
+        "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"), "sdpa-math": _sdpa("MATH"), "flash-attn": _attention_flash_attn,
+    },
+    reference=_attention_reference,
+    work=_attention_work,
+)
+
+OPS: dict[str, OpBench] = {
+    "layernorm": LAYERNORM, "cross_entropy": CROSS_ENTROPY, "linear_cross_entropy": LINEAR_CROSS_ENTROPY,
+    "attention": ATTENTION,
+}
 
 
 # ------------------------------------------------------------------------------ harness
@@ -141,7 +329,7 @@ def _timed_callable(forward: Callable, inputs: Inputs, mode: str) -> Callable[[]
 def run_op(name: str, op: OpBench, shapes: str, dtype: torch.dtype, mode: str, device: torch.device,
            smoke: bool) -> list[dict]:
     rows = []
-    peaks = common.gpu_peaks(device)
+    peaks = gpu_peaks(device)
     for shape in op.shapes[shapes]:
         inputs = _leaves(op.make(shape, dtype, device))
         amount, unit = op.work(shape, dtype, mode)
@@ -153,6 +341,10 @@ def run_op(name: str, op: OpBench, shapes: str, dtype: torch.dtype, mode: str, d
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 median, p20, p80 = common.time_ms(_timed_callable(forward, inputs, mode), device, smoke)
+            except Unavailable as exc:
+                row["status"] = f"unavailable: {exc}"
+                rows.append(row)
+                continue
             except Exception as exc:  # a provider that fails or is wrong is reported, not timed
                 row["status"] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
                 rows.append(row)
@@ -161,7 +353,7 @@ def run_op(name: str, op: OpBench, shapes: str, dtype: torch.dtype, mode: str, d
             row.update(status="ok", ms=median, ms_p20=p20, ms_p80=p80, throughput=throughput,
                        unit=f"{unit}/s")
             if peaks:
-                peak = peaks[0] if unit == "TFLOP" else peaks[1]
+                peak = peaks.bf16_tflops if unit == "TFLOP" else peaks.memory_gbps
                 row["pct_of_peak"] = 100 * throughput / peak
             if device.type == "cuda":
                 row["peak_mem_MiB"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -207,7 +399,7 @@ def main(argv: Optional[list] = None) -> int:
     print(table)
     if args.smoke:
         print("\n" + common.CPU_WARNING)
-    failed = [r for r in rows if r.get("status") != "ok"]
+    failed = [r for r in rows if r["status"].startswith("failed")]
     if args.smoke:
         return 1 if failed else 0
     out = args.out or common.results_dir(device)

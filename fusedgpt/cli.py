@@ -20,6 +20,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect_module.add_arguments(inspect)
     inspect.set_defaults(handler=inspect_module.run)
+
+    from fusedgpt.train import data as data_module
+    from fusedgpt.train import trainer as trainer_module
+
+    prepare = commands.add_parser("prepare", help="tokenise text into uint16 shards with a train/val split")
+    data_module.add_arguments(prepare)
+    prepare.set_defaults(handler=data_module.run)
+    train = commands.add_parser(
+        "train", help="pretrain a GPT (no arguments: a small model on the bundled Shakespeare)"
+    )
+    trainer_module.add_arguments(train)
+    train.set_defaults(handler=trainer_module.run)
+
+    from fusedgpt.model import generate as generate_module
+
+    generate = commands.add_parser("generate", help="continue a prompt, streaming the text to stdout")
+    generate_module.add_arguments(generate)
+    generate.set_defaults(handler=generate_module.run)
+
+    from fusedgpt.train import finetune_classify, finetune_instruct
+
+    classify_tune = commands.add_parser(
+        "finetune-classify", help="fine-tune a GPT as a text classifier (no --data: comedy/history/tragedy speeches)"
+    )
+    finetune_classify.add_arguments(classify_tune)
+    classify_tune.set_defaults(handler=finetune_classify.run)
+    classify = commands.add_parser("classify", help="label texts with a classifier from finetune-classify")
+    finetune_classify.add_predict_arguments(classify)
+    classify.set_defaults(handler=finetune_classify.run_predict)
+    instruct = commands.add_parser(
+        "finetune-instruct", help="instruction fine-tuning on Alpaca-style data (no --data: a Shakespeare set)"
+    )
+    finetune_instruct.add_arguments(instruct)
+    instruct.set_defaults(handler=finetune_instruct.run)
     return parser
 
 

@@ -4,7 +4,13 @@ Set ``TRITON_INTERPRET=1`` before importing this package to run the kernels on C
 tensors through Triton's interpreter.
 """
 
+from fusedgpt.kernels.attention import flash_attention
 from fusedgpt.kernels.backend import BackendUnavailableError
+from fusedgpt.kernels.cross_entropy import cross_entropy
 from fusedgpt.kernels.layernorm import add_layer_norm, layer_norm
+from fusedgpt.kernels.linear_cross_entropy import linear_cross_entropy
 
-__all__ = ["BackendUnavailableError", "add_layer_norm", "layer_norm"]
+__all__ = [
+    "BackendUnavailableError", "add_layer_norm", "cross_entropy", "flash_attention", "layer_norm",
+    "linear_cross_entropy",
+]

@@ -1,5 +1,5 @@
-"""Input checks shared by the public ops. Each raises before any kernel launches, with a
-message that names the op and the argument."""
+"""Input checks shared by the public ops (each raises before any kernel launches, with a
+message that names the op and the argument), and the row layout the row-wise kernels take."""
 
 from __future__ import annotations
 
@@ -40,3 +40,10 @@ def float64_unsupported(*tensors: Optional[torch.Tensor]) -> Optional[str]:
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
         return "float64 runs on the reference path only"
     return None
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., N) -> (M, N) with unit column stride, copying only when the layout needs it
+    (the layout every row-wise kernel takes)."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()

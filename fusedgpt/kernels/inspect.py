@@ -33,7 +33,9 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 
 # Modules that register kernels in the report: each defines ``aot_variants(dtype)``.
-OP_MODULES: tuple[str, ...] = ("fusedgpt.kernels.layernorm",)
+OP_MODULES: tuple[str, ...] = (
+    "fusedgpt.kernels.layernorm", "fusedgpt.kernels.attention", "fusedgpt.kernels.cross_entropy",
+)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from fusedgpt.kernels import backend as _backend
-from fusedgpt.kernels.checks import check_float, check_same_device, check_tensor, float64_unsupported
+from fusedgpt.kernels.checks import as_rows, check_float, check_same_device, float64_unsupported
 
 Tensor = torch.Tensor
 
@@ -319,18 +319,12 @@ def _(dy, x, weight, mean, rstd, dsummed, has_bias):
 # --------------------------------------------------------------------------- autograd
 
 
-def _as_rows(t: Tensor) -> Tensor:
-    """(..., N) -> (M, N) with unit column stride, copying only when the layout needs it."""
-    rows = t.reshape(-1, t.shape[-1])
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
-
-
 class _LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps):
-        rows = _as_rows(x)
+        rows = as_rows(x)
         y, summed, mean, rstd = torch.ops.fusedgpt.layer_norm_fwd(
-            rows, None if residual is None else _as_rows(residual), weight.contiguous(),
+            rows, None if residual is None else as_rows(residual), weight.contiguous(),
             None if bias is None else bias.contiguous(), eps,
         )
         ctx.save_for_backward(rows if residual is None else summed, weight.contiguous(), mean, rstd)
@@ -347,12 +341,12 @@ class _LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dsummed):
         normalized_input, weight, mean, rstd = ctx.saved_tensors
-        dsummed_rows = _as_rows(dsummed) if ctx.has_residual and dsummed is not None else None
+        dsummed_rows = as_rows(dsummed) if ctx.has_residual and dsummed is not None else None
         if dy is None:  # only the residual stream was used downstream
             dx = dsummed_rows.view(ctx.shape) if dsummed_rows is not None else None
             return dx, dx, None, None, None
         dx, dweight, dbias = torch.ops.fusedgpt.layer_norm_bwd(
-            _as_rows(dy), normalized_input, weight, mean, rstd, dsummed_rows, ctx.has_bias
+            as_rows(dy), normalized_input, weight, mean, rstd, dsummed_rows, ctx.has_bias
         )
         dx = dx.view(ctx.shape)
         weight_dtype, bias_dtype = ctx.param_dtypes

@@ -154,8 +154,9 @@ def test_env_var_chooses_default(monkeypatch):
         layer_norm(x, w)
 
 
-def test_float64_goes_to_reference_under_auto():
-    x, w = torch.randn(2, 8, dtype=torch.float64), torch.ones(8, dtype=torch.float64)
+def test_float64_goes_to_reference_under_auto(device):
+    x = torch.randn(2, 8, dtype=torch.float64, device=device)
+    w = torch.ones(8, dtype=torch.float64, device=device)
     torch.testing.assert_close(layer_norm(x, w), reference.layer_norm(x, w))
     with pytest.raises(BackendUnavailableError, match="float64"):
         layer_norm(x, w, backend="triton")

@@ -1,0 +1,344 @@
+r"""Fused linear + cross-entropy: the loss of ``hidden @ weight.T (+ bias)`` without ever
+holding the (N, V) logits.
+
+The N tokens are processed in chunks of C rows, C chosen so that a chunk's logits take at
+most ``CHUNK_BYTES`` (overridable with ``chunk_size``). Per chunk, for "mean" and "sum":
+
+    logits = h_c @ W.T + b                          (C, V), torch/cuBLAS
+    loss_c, and logits <- dloss/dlogits in place     one cross-entropy kernel launch
+    grad_h[c] = dlogits @ W                          (C, H)
+    grad_W   += dlogits.T @ h_c                      (V, H), fp32 accumulator
+    grad_b   += sum over rows of dlogits             (V,),   fp32 accumulator
+
+so the forward ends holding the gradients (already scaled by 1 / n_kept for "mean"), and
+the backward only multiplies them by the incoming scalar gradient. One chunk buffer serves
+every chunk and becomes its gradient in place, so beyond the gradients themselves (the
+fp32 V x H weight accumulator, N x H for hidden: what eager PyTorch's backward allocates
+too) the extra memory is one chunk of logits, never the (N, V) logits.
+
+"none" cannot be done that way: each row's loss gets its own incoming gradient, unknown
+during the forward. The forward then computes only the losses and saves the per-row
+logsumexp (as ``nll = lse - x_target``, 4 bytes per token), and the backward recomputes
+each chunk's logits, runs the gradient pass of the kernel with the row gradients, then the
+same matmuls: correct for any ``grad_output``, at the price of a second logits matmul.
+
+The ``torch`` backend runs the same chunk loop with the per-chunk loss written in plain
+PyTorch, in place (half-precision chunks are computed in an fp32 copy, and its chunks are
+sized so that both fit the same budget), so it is just as lean. The naive ``F.linear`` +
+``cross_entropy`` in ``reference.py`` is the tests' oracle, not a fallback.
+
+A ``weight`` that is also the token embedding (a tied GPT-2 head) needs nothing special:
+the gradient returned for it adds to the embedding's in autograd.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from fusedgpt.kernels import backend as _backend
+from fusedgpt.kernels.checks import check_float, check_same_device, float64_unsupported
+from fusedgpt.kernels.cross_entropy import (
+    check_loss_args,
+    checked_target,
+    cross_entropy_backward,
+    cross_entropy_forward,
+    cross_entropy_forward_backward_,
+    reduce_loss,
+    row_grad_scale,
+)
+
+Tensor = torch.Tensor
+
+# Default budget for one chunk of logits (and, on the torch path with half-precision
+# inputs, its fp32 working copy). 32 MiB keeps chunks of a GPT-2 vocabulary at a few
+# hundred tokens: matmuls large enough for the tensor cores, 4% of an 8k-token batch's logits.
+CHUNK_BYTES = 32 * 2**20
+
+
+def default_chunk_size(num_tokens: int, vocab_size: int, dtype: torch.dtype, use_triton: bool) -> int:
+    """Tokens per chunk so that one chunk's logits (plus the torch path's fp32 copy of half
+    logits) fit ``CHUNK_BYTES``; at least 1, at most ``num_tokens``."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_logit = itemsize + (4 if not use_triton and itemsize < 4 else 0)
+    return max(1, min(num_tokens, CHUNK_BYTES // (vocab_size * per_logit)))
+
+
+# ------------------------------------------------------------ the per-chunk loss
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32 and half inputs; fp64 stays fp64 (the torch path's oracle-grade mode)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _torch_chunk_loss(logits: Tensor, target: Tensor, nll: Optional[Tensor], grad_scale: Optional[Tensor],
+                      ignore_index: int, label_smoothing: float, z_loss: float) -> tuple[Optional[Tensor], Tensor]:
+    """The kernel's contract in plain PyTorch, without a second (C, V) temporary.
+
+    ``nll`` None: compute the per-row loss and ``nll = lse - x_target``; otherwise reuse
+    them. ``grad_scale`` given: overwrite ``logits`` with the gradient of
+    ``sum_i grad_scale_i * loss_i``. The work is in fp32: in place for fp32 logits, in one
+    fp32 copy otherwise. Unlike the kernel's, the nll of an ignored row is that of class 0
+    (finite), which keeps the backward's exponentials finite before the zero scale."""
+    x = logits.to(_compute_dtype(logits.dtype))
+    v = x.shape[1]
+    kept = target != ignore_index
+    usable = kept & (target >= 0) & (target < v)
+    safe_target = torch.where(usable, target, torch.zeros_like(target))[:, None]
+    x_target = x.gather(1, safe_target).squeeze(1)
+    loss = None
+    if nll is None:
+        x_mean = x.mean(1) if label_smoothing else 0.0
+        shift = x.amax(1)
+        shift = shift.masked_fill(shift == float("-inf"), 0.0)  # an all -inf row: lse -inf, not nan
+        x.sub_(shift[:, None]).exp_()  # x now holds exp(logits - shift)
+        e_target = (x_target - shift).exp()
+        rest = x.scatter_(1, safe_target, 0.0).sum(1)  # over the other classes
+        # As in the kernel: log1p keeps the digits of a confident row's small nll.
+        nll = (shift - x_target) + torch.log1p((e_target - 1.0) + rest)
+        lse = x_target + nll
+        loss = (1.0 - label_smoothing) * nll + label_smoothing * (lse - x_mean) + z_loss * lse.square()
+        loss = torch.where(usable, loss, torch.where(kept, float("nan"), 0.0))
+        to_probs = 1.0 / (e_target + rest)
+    else:
+        x.sub_(x_target[:, None]).sub_(nll[:, None]).exp_()  # x now holds the probabilities
+        lse = x_target + nll
+        to_probs = torch.ones_like(lse)
+    if grad_scale is not None:
+        scale = torch.where(usable, grad_scale, torch.where(kept, float("nan"), 0.0))
+        prob_factor = 1.0 + 2.0 * z_loss * lse
+        x.mul_((to_probs * prob_factor * scale)[:, None]).sub_((label_smoothing / v * scale)[:, None])
+        # The true class from p_t - 1 = expm1(-nll), as in the kernel; the scale makes it 0
+        # (or nan) where the target is no class.
+        true_grad = torch.expm1(-nll) * prob_factor + 2.0 * z_loss * lse + label_smoothing * (1.0 - 1.0 / v)
+        x.scatter_(1, safe_target, (true_grad * scale)[:, None])
+        if x is not logits:
+            logits.copy_(x)
+    return loss, nll
+
+
+def _triton_chunk_loss(logits: Tensor, target: Tensor, nll: Optional[Tensor], grad_scale: Optional[Tensor],
+                       ignore_index: int, label_smoothing: float, z_loss: float) -> tuple[Optional[Tensor], Tensor]:
+    """The same contract as :func:`_torch_chunk_loss`, one kernel launch."""
+    args = (ignore_index, label_smoothing, z_loss)
+    if nll is None and grad_scale is None:
+        return cross_entropy_forward(logits, target, *args)
+    if nll is None:
+        return cross_entropy_forward_backward_(logits, target, grad_scale, *args)
+    cross_entropy_backward(logits, target, nll, grad_scale, *args, out=logits)
+    return None, nll
+
+
+def _chunked(
+    hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], nll: Optional[Tensor],
+    grad_scale: Optional[Tensor], needs_grad: list[bool], ignore_index: int, label_smoothing: float,
+    z_loss: float, chunk_size: int, use_triton: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One pass over the tokens, chunk by chunk.
+
+    ``nll`` None: compute the per-row loss and nll; otherwise reuse them (the "none"
+    backward). ``grad_scale`` (fp32, 0-dim or (N,)) given: also the gradients of
+    ``sum_i grad_scale_i * loss_i`` for the inputs flagged in ``needs_grad`` (hidden,
+    weight, bias). Returns ``(loss, nll, grad_hidden, grad_weight, grad_bias)``, each
+    empty where not computed.
+    """
+    chunk_loss: Callable = _triton_chunk_loss if use_triton else _torch_chunk_loss
+    n, v = hidden.shape[0], weight.shape[0]
+    device = hidden.device
+    computes_loss = nll is None
+    acc_dtype = _compute_dtype(hidden.dtype)
+    loss = torch.empty(n if computes_loss else 0, dtype=acc_dtype, device=device)
+    if computes_loss:
+        nll = torch.empty(n, dtype=acc_dtype, device=device)
+    wants = [grad_scale is not None and flag for flag in needs_grad]
+    grad_hidden = hidden.new_empty(hidden.shape if wants[0] else 0)  # contiguous, for mm(out=)
+    weight_acc = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if wants[1] else None
+    bias_acc = torch.zeros(v, dtype=acc_dtype, device=device) if wants[2] else None
+    # One buffer for every chunk's logits: a fresh one per chunk would briefly hold two.
+    buffer = hidden.new_empty(min(n, chunk_size), v)
+    for start in range(0, n, chunk_size):
+        rows = slice(start, min(n, start + chunk_size))
+        h = hidden[rows]
+        logits = buffer[: rows.stop - start]
+        if bias is None:
+            torch.mm(h, weight.t(), out=logits)
+        else:
+            torch.addmm(bias, h, weight.t(), out=logits)
+        scale = None if grad_scale is None else (grad_scale if grad_scale.dim() == 0 else grad_scale[rows])
+        chunk_loss_, chunk_nll = chunk_loss(logits, target[rows], None if computes_loss else nll[rows], scale,
+                                            ignore_index, label_smoothing, z_loss)
+        if computes_loss:
+            loss[rows], nll[rows] = chunk_loss_, chunk_nll
+        # From here on ``logits`` holds the gradient of the chunk's logits.
+        if wants[0]:
+            torch.mm(logits, weight, out=grad_hidden[rows])
+        if wants[1]:
+            if weight_acc.dtype == logits.dtype:
+                weight_acc.addmm_(logits.t(), h)
+            else:  # cuBLAS accumulates each chunk in fp32; chunks add up in fp32
+                weight_acc += torch.mm(logits.t(), h)
+        if wants[2]:
+            bias_acc += logits.sum(0, dtype=acc_dtype)
+    grad_weight = weight_acc.to(weight.dtype) if wants[1] else weight.new_empty(0)
+    grad_bias = bias_acc.to(bias.dtype) if wants[2] else weight.new_empty(0)
+    return loss, nll, grad_hidden, grad_weight, grad_bias
+
+
+# ------------------------------------------------- torch.library ops (for torch.compile)
+
+
+@torch.library.custom_op("fusedgpt::linear_cross_entropy_fwd", mutates_args=())
+def _linear_cross_entropy_fwd_op(
+    hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], grad_scale: Optional[Tensor],
+    needs_grad: list[bool], ignore_index: int, label_smoothing: float, z_loss: float, chunk_size: int,
+    use_triton: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _chunked(hidden, weight, target, bias, None, grad_scale, needs_grad, ignore_index, label_smoothing,
+                    z_loss, chunk_size, use_triton)
+
+
+def _fake_grads(hidden, weight, bias, wants):
+    return (
+        torch.empty_like(hidden) if wants[0] else hidden.new_empty(0),
+        torch.empty_like(weight) if wants[1] else weight.new_empty(0),
+        torch.empty_like(bias) if wants[2] else weight.new_empty(0),
+    )
+
+
+@_linear_cross_entropy_fwd_op.register_fake
+def _(hidden, weight, target, bias, grad_scale, needs_grad, ignore_index, label_smoothing, z_loss, chunk_size,
+      use_triton):
+    rows = hidden.new_empty(hidden.shape[0], dtype=_compute_dtype(hidden.dtype))
+    wants = [grad_scale is not None and flag for flag in needs_grad]
+    return (rows, torch.empty_like(rows), *_fake_grads(hidden, weight, bias, wants))
+
+
+@torch.library.custom_op("fusedgpt::linear_cross_entropy_bwd", mutates_args=())
+def _linear_cross_entropy_bwd_op(
+    hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], nll: Tensor, grad_rows: Tensor,
+    needs_grad: list[bool], ignore_index: int, label_smoothing: float, z_loss: float, chunk_size: int,
+    use_triton: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    _, _, *grads = _chunked(hidden, weight, target, bias, nll, grad_rows, needs_grad, ignore_index,
+                            label_smoothing, z_loss, chunk_size, use_triton)
+    return tuple(grads)
+
+
+@_linear_cross_entropy_bwd_op.register_fake
+def _(hidden, weight, target, bias, nll, grad_rows, needs_grad, ignore_index, label_smoothing, z_loss, chunk_size,
+      use_triton):
+    return _fake_grads(hidden, weight, bias, needs_grad)
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class _LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size,
+                use_triton, grad_enabled):
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        flat_target = target.reshape(-1).contiguous()
+        # needs_input_grad says what requires grad even under no_grad, where no backward comes.
+        needs = ctx.needs_input_grad
+        needs_grad = [grad_enabled and needs[0], grad_enabled and needs[1], grad_enabled and needs[3]]
+        args = (ignore_index, label_smoothing, z_loss, chunk_size, use_triton)
+        # "mean"/"sum": gradients now, for the scalar loss; "none": after, from the saved nll.
+        grad_scale = None
+        if reduction != "none" and any(needs_grad):
+            one = torch.ones((), dtype=hidden.dtype, device=hidden.device)
+            grad_scale = row_grad_scale(one, flat_target, ignore_index, reduction)
+        loss, nll, grad_hidden, grad_weight, grad_bias = torch.ops.fusedgpt.linear_cross_entropy_fwd(
+            rows, weight, flat_target, bias, grad_scale, needs_grad, *args
+        )
+        if reduction == "none":
+            ctx.save_for_backward(rows, weight, flat_target, bias, nll)
+        else:
+            ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.reduction, ctx.needs_grad, ctx.args, ctx.hidden_shape = reduction, needs_grad, args, hidden.shape
+        return reduce_loss(loss, flat_target, ignore_index, reduction, target.shape)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.reduction == "none":
+            rows, weight, flat_target, bias, nll = ctx.saved_tensors
+            grads = torch.ops.fusedgpt.linear_cross_entropy_bwd(
+                rows, weight, flat_target, bias, nll, row_grad_scale(grad_output, flat_target, ctx.args[0], "none"),
+                ctx.needs_grad, *ctx.args,
+            )
+        else:
+            grads = [g * grad_output for g in ctx.saved_tensors]
+        grad_hidden, grad_weight, grad_bias = (g if need else None for g, need in zip(grads, ctx.needs_grad))
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.view(ctx.hidden_shape)
+        return grad_hidden, grad_weight, None, grad_bias, None, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------- public
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    chunk_size: Optional[int] = None,
+    validate: bool = True,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """``cross_entropy(hidden @ weight.T + bias, target)`` without materialising the logits.
+
+    Args:
+        hidden: (..., H) float32, float16 or bfloat16 (float64 on the torch path); any strides.
+        weight: (V, H), hidden's dtype and device. May be the token embedding (tied head).
+        target: (...) int64 class indices in [0, V), or ``ignore_index``.
+        bias: (V,) in hidden's dtype, or None.
+        ignore_index, reduction, label_smoothing, z_loss, validate: as in
+            :func:`fusedgpt.kernels.cross_entropy` ("mean" of no kept row is 0).
+        chunk_size: tokens per chunk; None sizes chunks so one chunk's logits take at most
+            ``CHUNK_BYTES`` (32 MiB).
+        backend: None (``$FUSEDGPT_BACKEND`` or ``auto``), ``"auto"``, ``"triton"`` or
+            ``"torch"``: which per-chunk loss runs (the chunking is the same).
+
+    Returns:
+        fp32 loss (fp64 for fp64 inputs): a scalar, or (...) for "none". For "mean"/"sum"
+        the gradients are computed during the forward (backward only scales them); for
+        "none" the backward recomputes the logits chunk by chunk, so any ``grad_output``
+        is handled exactly.
+    """
+    op = "linear_cross_entropy"
+    check_float(op, "hidden", hidden)
+    check_float(op, "weight", weight)
+    if hidden.dim() == 0 or hidden.shape[-1] == 0:
+        raise ValueError(f"{op}: hidden must have shape (..., H) with H >= 1, got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{op}: weight must have shape (V, {hidden.shape[-1]}) with V >= 1 to match hidden's "
+                         f"last dimension, got {tuple(weight.shape)}")
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None and tensor.dtype != hidden.dtype:
+            raise TypeError(f"{op}: {name} must have hidden's dtype {hidden.dtype}, got {tensor.dtype}")
+    vocab_size = weight.shape[0]
+    if bias is not None and bias.shape != (vocab_size,):
+        raise ValueError(f"{op}: bias must have shape ({vocab_size},) to match weight, got {tuple(bias.shape)}")
+    check_loss_args(op, target, hidden.shape[:-1], ignore_index, reduction, label_smoothing, z_loss)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_same_device(op, hidden=hidden, weight=weight, target=target, bias=bias)
+    use_triton = _backend.choose(op, backend, (hidden, weight, bias),
+                                 unsupported=float64_unsupported(hidden)) == "triton"
+    if validate:
+        target = checked_target(op, target, vocab_size, ignore_index)
+    num_tokens = target.numel()
+    if chunk_size is None:
+        chunk_size = default_chunk_size(num_tokens, vocab_size, hidden.dtype, use_triton)
+    return _LinearCrossEntropyFunction.apply(
+        hidden, weight, target, bias, ignore_index, reduction, float(label_smoothing), float(z_loss),
+        chunk_size, use_triton, torch.is_grad_enabled(),
+    )

@@ -1,0 +1,241 @@
+"""Autoregressive generation: greedy, temperature, top-k and nucleus (top-p) sampling, with
+a preallocated KV cache, per-row end of sequence, and the ``fusedgpt generate`` command.
+
+With the cache, the prompt is run once (prefill) and then each new token alone attends over
+the cached keys and values (the attention op's Tq = 1 < Tk path). The model sees at most
+``context_length`` positions: a longer prompt keeps its last ``context_length`` tokens, and
+once the cache is full the window slides by re-running the last ``context_length`` tokens,
+so the cached and uncached paths compute the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import os
+import sys
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import torch
+
+from fusedgpt.model.config import KERNEL_CHOICES, GPTConfig
+from fusedgpt.model.gpt import GPT, KVCache
+
+Tensor = torch.Tensor
+
+
+def generate(
+    model: GPT,
+    idx: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    eos_id: Optional[int] = None,
+    use_cache: bool = True,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Continue each row of ``idx`` by up to ``max_new_tokens`` tokens.
+
+    Args:
+        model: a :class:`GPT`; it runs in eval mode for the call (its mode is restored).
+        idx: (B, T) int64 prompt token ids, T >= 1.
+        max_new_tokens: tokens to add, >= 0.
+        temperature: divides the logits; 0 means greedy (argmax).
+        top_k: sample only among the k most likely tokens.
+        top_p: sample only from the smallest set of most likely tokens whose probability
+            reaches ``top_p`` (nucleus sampling), 0 < top_p <= 1.
+        eos_id: a row that produces it is done: it gets ``eos_id`` from then on, and
+            generation stops when every row is done.
+        use_cache: decode with a KV cache (same tokens as without, far less compute).
+        generator: the random source for sampling, on idx's device, for reproducible draws.
+
+    Returns:
+        (B, T + n) int64, the prompt followed by the n <= max_new_tokens new tokens.
+    """
+    new = list(stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      eos_id=eos_id, use_cache=use_cache, generator=generator))
+    return torch.cat([idx, *(token[:, None] for token in new)], dim=1)
+
+
+def stream(
+    model: GPT,
+    idx: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    eos_id: Optional[int] = None,
+    use_cache: bool = True,
+    generator: Optional[torch.Generator] = None,
+) -> Iterator[Tensor]:
+    """:func:`generate` one step at a time: yields each new (B,) int64 token column as soon
+    as it is chosen. Arguments are checked here, before the first step; the model is in eval
+    mode from the first step until the stream ends or is closed."""
+    _check(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator)
+    return _decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator)
+
+
+def filter_logits(logits: Tensor, *, top_k: Optional[int] = None, top_p: Optional[float] = None) -> Tensor:
+    """Logits (..., V) with every token outside the top-k and outside the nucleus set to -inf.
+
+    The nucleus is the smallest set of most likely tokens whose softmax probability sums to at
+    least ``top_p``: a token stays when the tokens ranked above it sum to less than top_p.
+    """
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop_sorted = torch.cumsum(probs, dim=-1) - probs >= top_p
+        drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(
+    logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """One token per row of ``logits`` (B, V): argmax when ``temperature`` is 0, else a draw
+    from the filtered, temperature-scaled softmax. Returns (B,) int64."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _check(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator) -> None:
+    if not isinstance(model, GPT):
+        raise TypeError(f"generate: model must be a fusedgpt GPT, got {type(model).__name__}")
+    vocab = model.config.vocab_size
+    if not isinstance(idx, Tensor) or idx.dtype != torch.long:
+        raise TypeError(f"generate: idx must be an int64 torch.Tensor of token ids, got {getattr(idx, 'dtype', type(idx))}")
+    if idx.dim() != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:
+        raise ValueError(f"generate: idx must have shape (B, T) with B, T >= 1, got {tuple(idx.shape)}")
+    if idx.min().item() < 0 or idx.max().item() >= vocab:
+        raise ValueError(f"generate: idx holds token ids outside [0, {vocab})")
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
+        raise ValueError(f"generate: temperature must be a number >= 0, got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"generate: top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"generate: top_p must be None or in (0, 1], got {top_p!r}")
+    if eos_id is not None and (not _is_int(eos_id) or not 0 <= eos_id < vocab):
+        raise ValueError(f"generate: eos_id must be None or a token id in [0, {vocab}), got {eos_id!r}")
+    if generator is not None and generator.device.type != idx.device.type:
+        raise ValueError(f"generate: generator is on {generator.device}, idx on {idx.device}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@torch.no_grad()
+def _decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator) -> Iterator[Tensor]:
+    was_training = model.training
+    model.eval()
+    try:
+        window = model.config.context_length
+        cache = KVCache(window) if use_cache else None
+        tokens = idx
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            logits = _next_logits(model, tokens, cache, window)
+            token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            if eos_id is not None:
+                token = token.masked_fill(done, eos_id)
+                done |= token == eos_id
+            tokens = torch.cat([tokens[:, -window:], token[:, None]], dim=1)
+            yield token
+            if eos_id is not None and bool(done.all()):
+                return
+    finally:
+        model.train(was_training)
+
+
+def _next_logits(model: GPT, tokens: Tensor, cache: Optional[KVCache], window: int) -> Tensor:
+    """(B, V) logits for the token after ``tokens``, from at most the last ``window`` of them."""
+    if cache is not None and 0 < cache.length < window:
+        return model(tokens[:, -1:], cache=cache)[:, -1]
+    if cache is not None:  # first step, or the window is full: (re)fill from the last window
+        cache.reset()
+    return model(tokens[:, -window:], cache=cache, last_only=True)[:, -1]
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="a training checkpoint (or run directory: its newest checkpoint), a Hugging Face "
+                             "GPT-2 directory (e.g. from save_pretrained), or gpt2 / gpt2-medium / gpt2-large / gpt2-xl")
+    parser.add_argument("--prompt", default="", help="text to continue (empty: start from <|endoftext|>)")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer name or ranks file (default: the one the checkpoint was trained with, else gpt2)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Stream the continuation of ``--prompt`` to stdout, token by token."""
+    from fusedgpt.model.tokenizer import get_tokenizer
+
+    model, trained_tokenizer = load_for_generation(args.checkpoint, kernels=args.kernels)
+    model.to(args.device)
+    tokenizer = get_tokenizer(args.tokenizer or trained_tokenizer or "gpt2")
+    if tokenizer.n_vocab > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.n_vocab} tokens, the model only {model.config.vocab_size}")
+    eos_id = tokenizer.eot_token if "<|endoftext|>" in tokenizer.special_tokens_set else None
+    if not args.prompt and eos_id is None:
+        raise ValueError("--prompt is empty and the tokenizer has no <|endoftext|> token to start from")
+    prompt = tokenizer.encode(args.prompt, allowed_special="all") if args.prompt else [eos_id]
+    idx = torch.tensor([prompt], dtype=torch.long, device=args.device)
+    generator = None if args.seed is None else torch.Generator(device=args.device).manual_seed(args.seed)
+
+    # A token can end inside a multi-byte character: decode the bytes incrementally.
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    sys.stdout.write(args.prompt)
+    for token in stream(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, eos_id=eos_id, generator=generator):
+        if token.item() == eos_id:
+            break
+        sys.stdout.write(text.decode(tokenizer.decode_single_token_bytes(token.item())))
+        sys.stdout.flush()
+    sys.stdout.write(text.decode(b"", final=True) + "\n")
+    return 0
+
+
+def load_for_generation(checkpoint: Union[str, os.PathLike], *, kernels: str = "auto") -> tuple[GPT, Optional[str]]:
+    """A model in eval mode, and the tokenizer it was trained with where the checkpoint says.
+
+    ``checkpoint`` is a training checkpoint directory or run directory (``meta.json`` +
+    ``model.safetensors``, from ``fusedgpt train``), or anything ``GPT.from_pretrained`` takes.
+    """
+    path = Path(checkpoint)
+    if path.is_dir() and not (path / "config.json").is_file():
+        from fusedgpt.train.checkpoint import open_checkpoint
+
+        trained = open_checkpoint(path)
+        model = GPT(GPTConfig.from_dict({**trained.meta["model"], "kernels": kernels}))
+        trained.load_weights(model)
+        return model.eval(), trained.meta.get("tokenizer")
+    return GPT.from_pretrained(checkpoint, kernels=kernels), None

@@ -1,0 +1,296 @@
+"""What both fine-tuning commands share: the starting model, what trains (LoRA or not),
+the optimizer and schedule, the epoch loop, and saving and reopening the result.
+
+The starting point (``--checkpoint``) is a ``fusedgpt train`` checkpoint or run directory,
+a Hugging Face GPT-2 directory, or a GPT-2 name (see ``fusedgpt generate``); without one,
+a randomly initialised ``--preset`` model, which is enough to try the commands out.
+
+Training reuses the pretraining loop's pieces (``fusedgpt.train.trainer``): AdamW with
+weight decay on matrices only, over the parameters that train; a linear warmup and a cosine
+decay to a tenth of the peak rate over all fine-tuning steps; gradient clipping. The result
+is an ordinary training checkpoint (``OUT/ckpt_NNNNNNNN/``, written atomically by
+``fusedgpt.train.checkpoint``) whose ``meta.json`` also records the task (``classify`` or
+``instruct``), the tokenizer and, for unmerged adapters, the LoRA configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+
+from fusedgpt.model.config import KERNEL_CHOICES, PRESETS, GPTConfig
+from fusedgpt.model.gpt import GPT
+from fusedgpt.train import checkpoint as ckpt
+from fusedgpt.train.lora import GROUPS, LAYERS, LoRAConfig, apply_lora, parameter_counts
+from fusedgpt.train.trainer import TrainConfig, TrainingDiverged, lr_at, make_optimizer
+
+PathLike = Union[str, os.PathLike]
+# batch_loss(example indices) -> (mean loss to minimise, sums to report for the epoch)
+BatchLoss = Callable[[list[int]], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class FinetuneConfig:
+    """The optimisation shared by both commands: ``epochs`` passes over the training set
+    in batches of ``batch_size``, reshuffled each epoch from ``seed``."""
+
+    epochs: int = 2
+    batch_size: int = 8
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    seed: int = 0
+    lora: Optional[LoRAConfig] = None
+    merge: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.merge and self.lora is None:
+            raise ValueError("--merge folds LoRA adapters into the weights; it needs --lora-rank")
+        self.schedule(1)  # TrainConfig checks lr, weight_decay, grad_clip and warmup_steps now, not after loading
+
+    def schedule(self, total_steps: int) -> TrainConfig:
+        """The pretraining config that ``make_optimizer`` and ``lr_at`` read, carrying this
+        run's rates and step count (its other fields are unused)."""
+        return TrainConfig(lr=self.lr, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
+                           warmup_steps=min(self.warmup_steps, total_steps), max_steps=total_steps, seed=self.seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["lora"] = self.lora.to_dict() if self.lora else None
+        return values
+
+
+@dataclass
+class Base:
+    """A starting model on its device, its tokenizer, and where it came from."""
+
+    model: GPT
+    tokenizer: Any  # tiktoken.Encoding
+    tokenizer_name: str
+    source: str
+
+
+def default_kernels(device: torch.device) -> str:
+    """The fused Triton kernels on CUDA; the reference ops on CPU (the Triton interpreter
+    is for verification, far too slow to train with), as ``fusedgpt train`` does."""
+    return "auto" if device.type == "cuda" else "torch"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (fp32 master weights), as in pretraining; nothing on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def load_base(checkpoint: Optional[str], *, preset: str, tokenizer: Optional[str], kernels: str,
+              device: torch.device, seed: int) -> Base:
+    """The model to fine-tune: ``checkpoint`` (see the module docstring), or a fresh
+    ``preset`` model initialised from ``seed`` with the tokenizer's vocabulary."""
+    from fusedgpt.model.generate import load_for_generation
+    from fusedgpt.model.tokenizer import get_tokenizer
+
+    torch.manual_seed(seed)
+    if checkpoint is None:
+        name = tokenizer or "gpt2"
+        encoding = get_tokenizer(name)
+        model = GPT(GPTConfig.from_preset(preset, vocab_size=encoding.n_vocab, kernels=kernels))
+        source = f"a randomly initialised {preset!r} model (no --checkpoint)"
+    else:
+        model, trained_tokenizer = load_for_generation(checkpoint, kernels=kernels)
+        name = tokenizer or trained_tokenizer or "gpt2"
+        encoding = get_tokenizer(name)
+        source = checkpoint
+        if encoding.n_vocab > model.config.vocab_size:
+            raise ValueError(f"the tokenizer {name} has {encoding.n_vocab} tokens, the model only {model.config.vocab_size}")
+    if "<|endoftext|>" not in encoding.special_tokens_set:
+        raise ValueError(f"the tokenizer {name} has no <|endoftext|> token, which fine-tuning pads and ends texts with")
+    return Base(model.to(device).train(), encoding, name, source)
+
+
+def describe_parameters(model: torch.nn.Module) -> str:
+    trainable, total = parameter_counts(model)
+    return f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
+
+
+def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The example indices of each batch of ``epoch``: a permutation drawn from
+    ``(seed, epoch)`` alone, so a run is reproducible batch for batch."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_examples, generator=generator).tolist()
+    return [order[i : i + batch_size] for i in range(0, num_examples, batch_size)]
+
+
+def train(model: torch.nn.Module, cfg: FinetuneConfig, num_examples: int, batch_loss: BatchLoss,
+          end_epoch: Callable[[int, dict[str, float]], None], *, device: torch.device, progress: bool = True) -> int:
+    """Run ``cfg.epochs`` epochs over ``num_examples`` examples, updating the parameters of
+    ``model`` that require grad; returns the number of optimizer steps.
+
+    ``batch_loss(indices)`` runs the forward for one batch (under autocast on CUDA) and
+    returns its mean loss and sums to report; after each epoch ``end_epoch(epoch, sums)``
+    gets those sums added up over the epoch (and may evaluate; it must leave the model in
+    train mode or not touch it).
+
+    Raises:
+        TrainingDiverged: a non-finite loss (the step is not taken).
+    """
+    from tqdm.auto import tqdm
+
+    steps_per_epoch = math.ceil(num_examples / cfg.batch_size)
+    schedule = cfg.schedule(cfg.epochs * steps_per_epoch)
+    optimizer = make_optimizer(model, schedule, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    step = 0
+    bar = tqdm(total=schedule.max_steps, desc="fine-tuning", unit="step", dynamic_ncols=True, disable=not progress)
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            model.train()
+            sums: dict[str, float] = defaultdict(float)
+            for indices in epoch_batches(num_examples, cfg.batch_size, cfg.seed, epoch):
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, schedule)
+                with autocast(device):
+                    loss, stats = batch_loss(indices)
+                if not math.isfinite(loss.item()):
+                    raise TrainingDiverged(f"non-finite loss ({loss.item()}) at step {step + 1}; stopped")
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                for key, value in stats.items():
+                    sums[key] += value
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", refresh=False)
+            bar.clear()
+            end_epoch(epoch, dict(sums))
+    finally:
+        bar.close()
+    return step
+
+
+class MetricsLog:
+    """One JSON record per epoch, appended to ``path`` (``OUT/metrics.jsonl``, started
+    empty) as soon as it is known, and kept in ``records``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def check_out(out: PathLike) -> None:
+    """Refuse an output directory that already holds a checkpoint (as ``fusedgpt train`` does)."""
+    if ckpt.list_checkpoints(out):
+        raise ValueError(f"{out} already holds a checkpoint; choose another --out or remove it")
+
+
+def save(out: PathLike, step: int, model: torch.nn.Module, meta: dict[str, Any]) -> Path:
+    """Write the fine-tuned model as ``OUT/ckpt_{step}`` (atomically; no optimizer state).
+    ``named_parameters`` lists a tied weight once, under its first name."""
+    weights = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return ckpt.save_checkpoint(out, step, weights, None, meta, keep_last=1)
+
+
+def open_finetuned(path: PathLike, task: str, *, kernels: str) -> tuple[ckpt.Checkpoint, GPT]:
+    """A verified fine-tuning checkpoint of ``task`` and an empty GPT of its shape (with
+    its LoRA adapters, if it kept them unmerged), ready for ``load_weights``.
+
+    Raises:
+        CheckpointError: not a checkpoint, or one of another task.
+    """
+    checkpoint = ckpt.open_checkpoint(path)
+    found = checkpoint.meta.get("task")
+    if found != task:
+        what = f"a fine-tuning checkpoint of task {found!r}" if found else "a pretraining checkpoint"
+        raise ckpt.CheckpointError(f"{checkpoint.path} is {what}, not of task {task!r}")
+    model = GPT(GPTConfig.from_dict({**checkpoint.meta["model"], "kernels": kernels}))
+    if checkpoint.meta.get("lora"):
+        apply_lora(model, LoRAConfig.from_dict(checkpoint.meta["lora"]))
+    return checkpoint, model.eval()
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, out: str, epochs: int, batch_size: int, lr: float) -> None:
+    """The options both fine-tuning commands take (defaults differ per command)."""
+    start = parser.add_argument_group("starting model")
+    start.add_argument("--checkpoint", default=None,
+                       help="a fusedgpt train checkpoint or run directory, a Hugging Face GPT-2 directory, or "
+                            "gpt2/gpt2-medium/...; default: a randomly initialised --preset model")
+    start.add_argument("--preset", default="tiny", choices=PRESETS, help="model preset without --checkpoint")
+    start.add_argument("--tokenizer", default=None,
+                       help="tokenizer name or ranks file (default: the checkpoint's, else gpt2)")
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--out", default=out, help="output directory (checkpoint, metrics, data)")
+    opt.add_argument("--epochs", type=int, default=epochs)
+    opt.add_argument("--batch-size", type=int, default=batch_size)
+    opt.add_argument("--lr", type=float, default=lr, help="peak learning rate (warmup, then cosine to lr/10)")
+    opt.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
+    opt.add_argument("--warmup-steps", type=int, default=10)
+    opt.add_argument("--grad-clip", type=float, default=1.0, help="0: no clipping")
+    opt.add_argument("--seed", type=int, default=0, help="seed for the head/adapters, batch order and splits")
+    opt.add_argument("--device", default="auto", help="auto|cpu|cuda")
+    opt.add_argument("--kernels", choices=KERNEL_CHOICES, default=None,
+                     help="auto|triton|torch (default: auto on CUDA, torch on CPU)")
+    opt.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    lora = parser.add_argument_group("LoRA (low-rank adapters; the base weights stay frozen)")
+    lora.add_argument("--lora-rank", type=int, default=None, help="adapter rank r; enables LoRA")
+    lora.add_argument("--lora-alpha", type=float, default=None, help="adapter scale alpha (update * alpha/r); default r")
+    lora.add_argument("--lora-targets", default="attn,mlp",
+                      help=f"comma-separated layers of every block: {', '.join((*GROUPS, *LAYERS))}")
+    lora.add_argument("--merge", action="store_true", help="fold the adapters into the weights before saving")
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    lora = None
+    if args.lora_rank is not None:
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        alpha = float(args.lora_rank) if args.lora_alpha is None else args.lora_alpha
+        lora = LoRAConfig(args.lora_rank, alpha, targets)
+    elif args.lora_alpha is not None:
+        raise ValueError("--lora-alpha needs --lora-rank")
+    return FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                          warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, seed=args.seed, lora=lora,
+                          merge=args.merge)
+
+
+def base_from_args(args: argparse.Namespace) -> Base:
+    device = resolve_device(args.device)
+    kernels = args.kernels or default_kernels(device)
+    return load_base(args.checkpoint, preset=args.preset, tokenizer=args.tokenizer, kernels=kernels, device=device,
+                     seed=args.seed)
+
+
+def pad_sequences(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    """(B, T) int64: row ``i`` holds ``rows[i]`` then ``value`` up to the longest row's length."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out

@@ -1,0 +1,682 @@
+"""``fusedgpt train``: pretraining a GPT on prepared token shards.
+
+One optimizer step = ``grad_accum`` micro-batches per rank of ``batch_size`` random windows
+of ``context_length + 1`` tokens; the loss is the mean over all of them. AdamW (fused on
+CUDA) decays matrices only; the learning rate warms up linearly for ``warmup_steps`` and
+then follows a cosine down to ``min_lr`` at ``max_steps``; gradients are clipped to
+``grad_clip``. On CUDA the forward runs under bf16 autocast over fp32 master weights.
+
+Reproducibility: everything a step draws from -- the training windows (a function of the
+seed and the step), the weights, the optimizer state and the RNG states -- is in the
+checkpoint, and evaluation and sampling use their own generators, so a run resumed from
+step ``s`` is bitwise the run that never stopped (on the same machine and software).
+
+Configuration, lowest precedence first: :class:`TrainConfig`'s defaults (the embedded
+Shakespeare job), the stored configuration of the run being resumed, a TOML file
+(top-level keys are ``TrainConfig`` fields; a ``[model]`` table overrides ``GPTConfig``
+fields of the preset), then command-line flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from fusedgpt.hardware import gpu_peaks
+from fusedgpt.model.config import KERNEL_CHOICES, PRESETS, GPTConfig
+from fusedgpt.model.gpt import GPT
+from fusedgpt.train import checkpoint as ckpt
+from fusedgpt.train import data as data_mod
+from fusedgpt.train import distributed
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+# The embedded job's model: the "small" preset made shallower and narrower, because with
+# GPT-2's 50,257-token vocabulary the output head is most of the work on a CPU.
+DEFAULT_JOB_MODEL = {"n_layer": 4, "n_head": 4, "n_embd": 128}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that defines a training run. The defaults are the embedded job: a small
+    GPT-2-architecture model on the bundled Shakespeare, sized to train on a 2-core CPU in
+    under ten minutes.
+
+    Attributes:
+        preset: a :data:`fusedgpt.model.config.PRESETS` name; ``model`` overrides its fields
+            (by default :data:`DEFAULT_JOB_MODEL`, which :func:`resolve_config` drops when a
+            preset is chosen explicitly).
+        data: a prepared directory, a text/JSONL file prepared on the fly into
+            ``OUT/data``, or None for the bundled Shakespeare.
+        context_length: None = the preset's.
+        min_lr: end of the cosine; None = ``lr / 10``.
+        save_every: 0 = only at the end (and on Ctrl-C).
+        kernels: None = ``"auto"`` on CUDA, ``"torch"`` (the reference ops) on CPU: the Triton
+            interpreter is for verification and far too slow to train with.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    """
+
+    preset: str = "small"
+    model: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_JOB_MODEL))
+    data: Optional[str] = None
+    out: str = "runs/shakespeare"
+    tokenizer: str = "gpt2"
+    val_fraction: float = 0.005
+    max_steps: int = 300
+    batch_size: int = 16
+    context_length: Optional[int] = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr: Optional[float] = None
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 0
+    keep_last: int = 2
+    seed: int = 1337
+    kernels: Optional[str] = None
+    device: str = "auto"
+    resume: bool = False
+    compile: bool = False
+    fsdp: bool = False
+    sample_tokens: int = 48
+    sample_prompt: str = "\n"
+    log_every: int = 1
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if not isinstance(self.model, dict):
+            raise TypeError(f"model must be a table of GPTConfig fields, got {type(self.model).__name__}")
+        positive = ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "keep_last", "log_every")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "save_every", "sample_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.context_length is not None and (not isinstance(self.context_length, int) or self.context_length < 1):
+            raise ValueError(f"context_length must be a positive integer, got {self.context_length!r}")
+        if not self.lr > 0 or (self.min_lr is not None and not 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("grad_clip and weight_decay must be non-negative")
+        if self.kernels is not None and self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "configuration") -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown training options {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): linear warmup to ``lr`` over
+    ``warmup_steps`` steps, then a cosine to ``min_lr`` at ``max_steps``."""
+    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (dim >= 2: linear weights, embeddings) only --
+    biases and LayerNorm gains keep their scale -- fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
+
+
+def flops_per_token(model: GPT, context_length: int) -> float:
+    """Training FLOPs per token: 6 per matmul parameter (forward + backward), the output
+    head included, plus attention's ``12 * n_layer * T * n_embd`` (PaLM, appendix B)."""
+    config = model.config
+    matmul_params = model.num_parameters(non_embedding=True)
+    if config.tie_weights:  # the head shares the (uncounted) embedding matrix but is a matmul
+        matmul_params += config.padded_vocab_size * config.n_embd
+    return 6.0 * matmul_params + 12.0 * config.n_layer * context_length * config.n_embd
+
+
+def bf16_peak_flops(device: torch.device) -> Optional[float]:
+    """The GPU's dense bf16 peak in FLOP/s, or None when unknown (or not a GPU): then no MFU is shown."""
+    peaks = gpu_peaks(device)
+    return peaks.bf16_tflops * 1e12 if peaks else None
+
+
+def _full_state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Whole tensors on the CPU: what a checkpoint stores, whatever the run's sharding.
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the run stopped without taking that step."""
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag that the loop reads between steps, so the checkpoint
+    written on the way out holds a whole step. A second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["_StopRequest"]:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signals only reach the main thread
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        try:
+            yield self
+        finally:
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What :meth:`Trainer.run` did: the step reached, why it stopped (``"done"`` or
+    ``"interrupted"``), the training losses of the steps it ran, the validation losses by
+    step, and the last checkpoint written."""
+
+    step: int
+    status: str
+    train_losses: list[float]
+    val_losses: dict[int, float]
+    checkpoint: Optional[Path]
+
+
+class Trainer:
+    """A training run. ``Trainer(cfg).run()`` trains from scratch, or from the newest
+    checkpoint in ``cfg.out`` with ``cfg.resume``."""
+
+    def __init__(self, cfg: TrainConfig, dist: Optional[distributed.DistContext] = None) -> None:
+        self.cfg = cfg
+        self.dist = dist or distributed.setup(cfg.device)
+        self.device = self.dist.device
+        self.out = Path(cfg.out)
+        self.resume_from: Optional[ckpt.Checkpoint] = None
+        if cfg.resume:
+            self.resume_from = ckpt.open_checkpoint(self.out)
+        elif ckpt.list_checkpoints(self.out):
+            raise ValueError(
+                f"{self.out} already holds checkpoints; pass --resume to continue that run, "
+                "or choose another --out"
+            )
+        kernels = cfg.kernels or ("auto" if self.device.type == "cuda" else "torch")
+
+        data_dir = self._data_dir()
+        self.meta = data_mod.read_meta(data_dir)
+        self.tokenizer_name = self.meta["tokenizer"]
+        if self.resume_from is not None:
+            model_config = GPTConfig.from_dict({**self.resume_from.meta["model"], "kernels": kernels})
+            if model_config.vocab_size != self.meta["vocab_size"]:
+                raise ValueError(
+                    f"the data's vocabulary ({self.meta['vocab_size']}) differs from the checkpoint's "
+                    f"model ({model_config.vocab_size})"
+                )
+        else:
+            overrides = {"vocab_size": self.meta["vocab_size"], **cfg.model, "kernels": kernels}
+            if cfg.context_length is not None:
+                overrides["context_length"] = cfg.context_length
+            model_config = GPTConfig.from_preset(cfg.preset, **overrides)
+        self.context_length = model_config.context_length
+        self.train_windows = data_mod.RandomWindows(
+            data_mod.TokenStream(data_dir, "train"), cfg.batch_size, self.context_length, cfg.seed
+        )
+        self.val_stream = data_mod.TokenStream(data_dir, "val")
+        self.val_stream.check_fits(self.context_length)
+
+        torch.manual_seed(cfg.seed)
+        self.model = GPT(model_config).to(self.device)
+        if self.resume_from is not None:
+            self.resume_from.load_weights(self.model)  # whole weights, before any sharding
+        self.train_model: torch.nn.Module = self.model
+        self.ddp = None
+        if cfg.fsdp:
+            if not self.dist.distributed:
+                raise ValueError("--fsdp shards over processes: start the run with torchrun --nproc_per_node=N, N > 1")
+            from torch.distributed.fsdp import fully_shard
+
+            for block in self.model.transformer.h:
+                fully_shard(block)
+            fully_shard(self.model)  # in place: self.model's parameters become shards
+        elif self.dist.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+            self.train_model = self.ddp
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.step = 0
+        if self.resume_from is not None:
+            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+            state = self.resume_from.load_state()
+            set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state["optimizer"],
+                                     options=_full_state_options())
+            ckpt.set_rng_state(state["rng"])
+            self.step = self.resume_from.step
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        )
+        self.tokens_per_step = cfg.batch_size * self.context_length * cfg.grad_accum * self.dist.world_size
+        self.flops_per_token = flops_per_token(self.model, self.context_length)
+        self.peak_flops = bf16_peak_flops(self.device)
+        self.last_checkpoint: Optional[Path] = self.resume_from.path if self.resume_from else None
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _data_dir(self) -> Path:
+        """A prepared directory for ``cfg.data``; text is prepared on the fly into
+        ``OUT/data`` by rank 0 (again only when the source or the options changed)."""
+        cfg = self.cfg
+        if cfg.data is not None and data_mod.is_prepared(cfg.data):
+            return Path(cfg.data)
+        if cfg.data is None:
+            from fusedgpt.model.tokenizer import shakespeare_path
+
+            source = shakespeare_path()
+        else:
+            source = Path(cfg.data)
+            if not source.exists():
+                raise ValueError(f"--data {cfg.data} does not exist")
+        target = self.out / "data"
+        if self.dist.is_main and not self._prepared_from(target, source):
+            data_mod.prepare([source], target, tokenizer=cfg.tokenizer, val_fraction=cfg.val_fraction,
+                             progress=cfg.progress)
+        distributed.barrier()
+        return target
+
+    def _prepared_from(self, target: Path, source: Path) -> bool:
+        if not data_mod.is_prepared(target):
+            return False
+        meta = data_mod.read_meta(target)
+        files = data_mod.collect_inputs([source])
+        return (
+            meta.get("sources") == [str(p) for p in files]
+            and meta.get("source_bytes") == sum(p.stat().st_size for p in files)
+            and meta.get("tokenizer") == self.cfg.tokenizer
+            and meta.get("val_fraction") == self.cfg.val_fraction
+        )
+
+    # ------------------------------------------------------------------ one step
+
+    def micro_step_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mean loss of one micro-batch, through the (possibly wrapped) training model."""
+        with self.autocast:
+            return self.train_model(x, y)
+
+    def train_step(self, step: int) -> tuple[float, float]:
+        """Optimizer step ``step`` (0-based); returns the mean training loss over every rank's
+        micro-batches and the gradient norm before clipping.
+
+        Raises:
+            TrainingDiverged: the loss was not finite; the weights were not updated.
+        """
+        cfg = self.cfg
+        lr = lr_at(step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            x, y = self.train_windows.batch(step, self.dist.rank * cfg.grad_accum + micro)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            last = micro == cfg.grad_accum - 1
+            # Gradients are only all-reduced on the last micro-batch.
+            if self.cfg.fsdp:
+                self.model.set_requires_gradient_sync(last)
+            sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
+            with sync:
+                loss = self.micro_step_loss(x, y)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        total = distributed.all_reduce_sum(loss_sum / cfg.grad_accum)
+        mean_loss = total.item() / self.dist.world_size
+        if not math.isfinite(mean_loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written"
+            raise TrainingDiverged(f"non-finite training loss ({mean_loss}) at step {step + 1}; stopped without updating the weights; {kept}")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return mean_loss, float(norm)
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation windows (at most ``eval_batches`` batches)."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for x, y in data_mod.eval_windows(self.val_stream, self.cfg.batch_size, self.context_length, self.cfg.eval_batches):
+            with self.autocast:
+                loss = self.model(x.to(self.device), y.to(self.device))
+            total += loss.item() * y.numel()
+            count += y.numel()
+        self.model.train()
+        return total / count
+
+    @torch.no_grad()
+    def sample(self) -> str:
+        """A short continuation of ``sample_prompt``, drawn with its own seeded generator so
+        the training RNG is untouched."""
+        from fusedgpt.model.generate import generate
+        from fusedgpt.model.tokenizer import get_tokenizer
+
+        tokenizer = get_tokenizer(self.tokenizer_name)
+        prompt = tokenizer.encode_ordinary(self.cfg.sample_prompt) or [tokenizer.eot_token]
+        idx = torch.tensor([prompt[-self.context_length :]], dtype=torch.long, device=self.device)
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+        with self.autocast:
+            out = generate(self.model, idx, self.cfg.sample_tokens, temperature=0.8, top_k=200,
+                           eos_id=tokenizer.eot_token, generator=generator)
+        return tokenizer.decode(out[0].tolist())
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def save(self) -> Path:
+        """Checkpoint the current step (every rank takes part: FSDP gathers the shards;
+        rank 0 writes)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        cfg = self.cfg
+        weights = get_model_state_dict(self.model, options=_full_state_options())
+        optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=_full_state_options())
+        if self.model.config.tie_weights:
+            weights.pop("lm_head.weight", None)  # the token embedding, stored once
+        meta = {
+            "model": self.model.config.to_dict(),
+            "train": {**dataclasses.asdict(cfg), "resume": False},
+            "data": {
+                "sampler": "random-windows",
+                "seed": cfg.seed,
+                "step": self.step,
+                "micro_batches_per_step": cfg.grad_accum * self.dist.world_size,
+                "tokens_seen": self.step * self.tokens_per_step,
+            },
+            "tokenizer": self.tokenizer_name,
+        }
+        if self.dist.is_main:
+            self.last_checkpoint = ckpt.save_checkpoint(self.out, self.step, weights, optimizer_state, meta, cfg.keep_last)
+        distributed.barrier()
+        self.last_checkpoint = self.out / ckpt.checkpoint_name(self.step)
+        return self.last_checkpoint
+
+    def _open_metrics(self):
+        """``OUT/metrics.jsonl`` for appending; on resume, records after the resumed step
+        (from a run that went on past its last checkpoint) are dropped first."""
+        path = self.out / METRICS_FILE
+        if self.resume_from is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= self.step]
+            path.write_text("".join(line + "\n" for line in kept))
+        elif self.resume_from is None:
+            path.unlink(missing_ok=True)
+        return open(path, "a")
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> RunResult:
+        """Train to ``max_steps``, evaluating every ``eval_every`` steps (and at the start of
+        a fresh run and at the end), checkpointing every ``save_every`` steps, at the end
+        and on Ctrl-C. Only rank 0 writes files and prints."""
+        cfg = self.cfg
+        main = self.dist.is_main
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics = self._open_metrics() if main else None
+        tensorboard = _tensorboard_writer(self.out) if main else None
+        train_losses: list[float] = []
+        val_losses: dict[int, float] = {}
+
+        def log(record: dict) -> None:
+            if metrics is not None:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            if tensorboard is not None:
+                for key, value in record.items():
+                    if isinstance(value, (int, float)) and key != "step":
+                        tensorboard.add_scalar(key, value, record["step"])
+
+        def evaluate(label: str) -> None:
+            loss = self.evaluate()
+            val_losses[self.step] = loss
+            # Sharded weights need every rank in each forward, so under FSDP all ranks sample.
+            text = self.sample() if cfg.sample_tokens and (main or cfg.fsdp) else ""
+            log({"step": self.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "sample": text})
+            if main:
+                _write(bar, f"step {self.step}: {label + ' ' if label else ''}validation loss {loss:.4f} (perplexity {math.exp(min(loss, 50.0)):.1f})")
+                if text:
+                    _write(bar, "sample: " + text.replace("\n", "\n        "))
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True,
+                   disable=not (main and cfg.progress))
+        if main:
+            params = self.model.num_parameters()
+            _write(bar, f"model: {params / 1e6:.2f} M parameters ({self.model.config.n_layer} layers, "
+                        f"width {self.model.config.n_embd}, context {self.context_length}, kernels={self.model.config.kernels}); "
+                        f"{self.tokens_per_step:,} tokens per step on {self.dist.world_size} x {self.device.type}"
+                        f"{' (FSDP)' if cfg.fsdp else ' (DDP)' if self.ddp else ''}; "
+                        f"out: {self.out}" + (f"; resuming at step {self.step}" if self.resume_from else ""))
+        status = "done"
+        stop = _StopRequest()
+        try:
+            with stop.installed():
+                if self.resume_from is None:
+                    evaluate("initial")
+                window_start, window_tokens = time.perf_counter(), 0
+                while self.step < cfg.max_steps:
+                    loss, norm = self.train_step(self.step)
+                    self.step += 1
+                    train_losses.append(loss)
+                    window_tokens += self.tokens_per_step
+                    if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                        elapsed = time.perf_counter() - window_start
+                        record = {"step": self.step, "train_loss": loss, "lr": lr_at(self.step - 1, cfg),
+                                  "grad_norm": norm, "tokens": self.step * self.tokens_per_step,
+                                  "tokens_per_s": window_tokens / elapsed}
+                        postfix = {"loss": f"{loss:.3f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
+                        if self.peak_flops:
+                            record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (self.peak_flops * self.dist.world_size)
+                            postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
+                        log(record)
+                        bar.set_postfix(postfix, refresh=False)
+                        window_start, window_tokens = time.perf_counter(), 0
+                    bar.update(1)
+                    if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                        evaluate("final" if self.step == cfg.max_steps else "")
+                    if self.step == cfg.max_steps or (cfg.save_every and self.step % cfg.save_every == 0):
+                        self.save()
+                    if self._stop_requested(stop):
+                        if self.last_checkpoint is None or self.last_checkpoint.name != ckpt.checkpoint_name(self.step):
+                            self.save()
+                        status = "interrupted"
+                        break
+        finally:
+            bar.close()
+            if metrics is not None:
+                metrics.close()
+                from fusedgpt.train.plot import plot_metrics
+
+                plot_metrics(self.out / METRICS_FILE, self.out / PLOT_FILE)
+            if tensorboard is not None:
+                tensorboard.close()
+        if main:
+            if val_losses:
+                last = max(val_losses)
+                print(f"validation loss {val_losses[last]:.4f} at step {last}")
+            print(f"{status} at step {self.step}; checkpoint {self.last_checkpoint}; "
+                  f"metrics {self.out / METRICS_FILE}; plot {self.out / PLOT_FILE}")
+        return RunResult(self.step, status, train_losses, val_losses, self.last_checkpoint)
+
+    def _stop_requested(self, stop: _StopRequest) -> bool:
+        """Whether any rank was asked to stop (every rank must leave at the same step)."""
+        if not self.dist.distributed:
+            return stop.requested
+        flag = torch.tensor([float(stop.requested)], device=self.device)
+        return distributed.all_reduce_sum(flag).item() > 0
+
+
+def _write(bar, text: str) -> None:
+    """Print above the progress bar (or plainly when it is disabled)."""
+    if bar.disable:
+        print(text, flush=True)
+    else:
+        bar.write(text)
+
+
+def _tensorboard_writer(out: Path):
+    """A TensorBoard writer into ``OUT/tensorboard`` when TensorBoard is installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+# ---------------------------------------------------------------------------------------
+# Configuration and command line
+# ---------------------------------------------------------------------------------------
+
+# (field, type, help) for every option with a flag; the flag is --field-with-dashes.
+_FLAGS: tuple[tuple[str, Any, str], ...] = (
+    ("preset", str, f"model preset: {', '.join(PRESETS)}"),
+    ("data", str, "prepared directory, or a text/JSONL file prepared on the fly (default: bundled Shakespeare)"),
+    ("out", str, "run directory: metrics, plot, checkpoints"),
+    ("tokenizer", str, "tokenizer for on-the-fly preparation: gpt2 or a ranks file"),
+    ("val_fraction", float, "validation share for on-the-fly preparation"),
+    ("max_steps", int, "optimizer steps"),
+    ("batch_size", int, "windows per micro-batch per process"),
+    ("context_length", int, "tokens per window (default: the preset's)"),
+    ("grad_accum", int, "micro-batches per optimizer step per process"),
+    ("lr", float, "peak learning rate"),
+    ("min_lr", float, "final learning rate (default lr/10)"),
+    ("warmup_steps", int, "linear warmup steps"),
+    ("weight_decay", float, "AdamW weight decay on matrices"),
+    ("grad_clip", float, "clip the gradient norm to this (0: no clipping)"),
+    ("eval_every", int, "evaluate every N steps"),
+    ("eval_batches", int, "validation batches per evaluation"),
+    ("save_every", int, "checkpoint every N steps (0: only at the end)"),
+    ("keep_last", int, "checkpoints kept"),
+    ("seed", int, "seed for initialisation, data order and dropout"),
+    ("kernels", str, "auto|triton|torch (default: auto on CUDA, torch on CPU)"),
+    ("device", str, "auto|cpu|cuda"),
+    ("sample_tokens", int, "tokens sampled at each evaluation (0: none)"),
+    ("sample_prompt", str, "prompt for those samples"),
+    ("log_every", int, "log training metrics every N steps"),
+)
+_MODEL_FLAGS: tuple[tuple[str, Any], ...] = (("n_layer", int), ("n_head", int), ("n_embd", int), ("dropout", float))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS keeps unset flags out of the namespace, so only what was typed overrides
+    # the TOML file and the resumed run.
+    suppress = argparse.SUPPRESS
+    parser.add_argument("--config", default=None, help="TOML file of options ([model] table: GPTConfig fields)")
+    for name, kind, help_text in _FLAGS:
+        choices = {"kernels": KERNEL_CHOICES, "device": ("auto", "cpu", "cuda")}.get(name)
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=suppress, choices=choices, help=help_text)
+    for name, kind in _MODEL_FLAGS:
+        parser.add_argument("--" + name.replace("_", "-"), dest="model." + name, type=kind, default=suppress,
+                            metavar=name.upper(), help=f"model {name} (overrides the preset)")
+    for name, help_text in (("resume", "continue from the newest checkpoint in --out"),
+                            ("compile", "torch.compile the model"),
+                            ("fsdp", "under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP")):
+        parser.add_argument("--" + name, dest=name, action="store_true", default=suppress, help=help_text)
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=suppress, help="no progress bar")
+
+
+def resolve_config(flags: dict[str, Any], config_file: Optional[str] = None) -> TrainConfig:
+    """The run's configuration: defaults < the resumed run's < TOML file < flags.
+
+    ``flags`` maps TrainConfig fields to values, and ``"model.FIELD"`` to GPTConfig overrides;
+    model overrides from the TOML ``[model]`` table and flags add to the resumed run's, or
+    else to :data:`DEFAULT_JOB_MODEL` unless a preset is named.
+    """
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            with open(config_file, "rb") as f:
+                values = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"cannot read --config {config_file}: {exc}") from exc
+    model = dict(values.pop("model", {}))
+    for key, value in flags.items():
+        if key.startswith("model."):
+            model[key.removeprefix("model.")] = value
+        else:
+            values[key] = value
+    if values.get("resume"):
+        out = values.get("out", TrainConfig.out)
+        stored = ckpt.open_checkpoint(out).meta.get("train")
+        if not isinstance(stored, dict):
+            raise ckpt.CheckpointError(f"the newest checkpoint in {out} records no training configuration")
+        base_model = stored.get("model", {})
+        values = {**stored, **values}
+    else:
+        # An explicitly chosen preset means that preset, not the embedded job's variant of it.
+        base_model = {} if "preset" in values else DEFAULT_JOB_MODEL
+    values["model"] = {**base_model, **model}
+    return TrainConfig.from_dict(values, source=config_file or "configuration")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The configuration that parsed ``fusedgpt train`` arguments describe."""
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "config")}
+    return resolve_config(flags, args.config)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``fusedgpt train`` command: 0 when done, 130 when interrupted (a checkpoint was
+    saved); errors, a diverged loss included, are raised for the CLI to report."""
+    cfg = config_from_args(args)
+    dist = distributed.setup(cfg.device)
+    try:
+        result = Trainer(cfg, dist).run()
+    finally:
+        distributed.teardown()
+    return 130 if result.status == "interrupted" else 0

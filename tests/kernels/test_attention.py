@@ -1,0 +1,439 @@
+"""Flash attention: parity of the output and of dq, dk, dv against a float64 reference,
+dropout, saved-tensor accounting, configs and the compile report, dispatch and bad input."""
+
+import math
+
+import pytest
+import torch
+
+from fusedgpt.kernels import flash_attention, reference
+from fusedgpt.kernels import attention as attention_module
+from fusedgpt.kernels.backend import BackendUnavailableError
+from tests.kernels.parity import assert_parity
+
+F32, F16 = torch.float32, torch.float16
+
+
+def _qkv(b, h, tq, tk, d, dtype, device, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(t):
+        return torch.randn(b, h, t, d, generator=generator).to(device, dtype)
+
+    return dict(q=draw(tq), k=draw(tk), v=draw(tk))
+
+
+def _kernel(**options):
+    return lambda q, k, v: flash_attention(q, k, v, backend="triton", **options)
+
+
+def _oracle(causal=True, softmax_scale=None, dropout_p=0.0, dropout_mask=None):
+    return lambda q, k, v: reference.attention(q, k, v, causal, softmax_scale, dropout_p, dropout_mask)
+
+
+# ------------------------------------------------------------------------- parity
+
+# A covering design rather than the full cross product (interpreter time): every T in
+# {1, 17, 77, 128, 257} and every D in {16, 48, 64, 128} meets both causal settings and both
+# dtypes, and the pinned interpreter blocks (32 x 16, 16 x 32) see single, partial and many
+# blocks.
+SQUARE_CASES = [
+    # T, D, causal, dtype
+    (1, 16, True, F32),
+    (1, 128, False, F16),
+    (17, 48, True, F16),
+    (17, 64, False, F32),
+    (77, 64, True, F16),
+    (77, 16, False, F32),
+    (128, 128, True, F32),
+    (128, 48, False, F16),
+    (257, 48, True, F32),
+    (257, 16, False, F16),
+    (257, 128, True, F16),
+]
+
+
+def _case_id(case):
+    return "-".join(str(x).replace("torch.", "") for x in case)
+
+
+def test_covering_design_covers_every_length_head_dim_mask_and_dtype():
+    for column, wanted in ((0, {1, 17, 77, 128, 257}), (1, {16, 48, 64, 128})):
+        for causal in (True, False):
+            assert {c[column] for c in SQUARE_CASES if c[2] == causal} >= wanted
+        for dtype in (F32, F16):
+            assert {c[column] for c in SQUARE_CASES if c[3] == dtype} >= wanted
+
+
+@pytest.mark.parametrize("t, d, causal, dtype", SQUARE_CASES, ids=map(_case_id, SQUARE_CASES))
+def test_parity(t, d, causal, dtype, device):
+    batch = 1 if t > 128 else 2  # the longest sequences with one batch row: interpreter time
+    assert_parity(_kernel(causal=causal), _oracle(causal), _qkv(batch, 2, t, t, d, dtype, device))
+
+
+RECTANGULAR_CASES = [
+    # Tq, Tk, D, causal, dtype: decoding (Tq < Tk) and, with a causal mask, rows that see no key
+    (1, 77, 64, True, F16),
+    (1, 77, 80, False, F32),  # 80 and 96: non-power-of-two head dims in the 128-wide block
+    (5, 77, 96, True, F32),
+    (5, 77, 16, False, F16),
+    (40, 23, 64, True, F32),
+    # Tk - Tq = 30: the diagonal ends one key short of a pinned block boundary, where an
+    # off-by-one in the unmasked/masked split would show.
+    (20, 50, 48, True, F32),
+]
+
+
+@pytest.mark.parametrize("tq, tk, d, causal, dtype", RECTANGULAR_CASES, ids=map(_case_id, RECTANGULAR_CASES))
+def test_parity_rectangular(tq, tk, d, causal, dtype, device):
+    assert_parity(_kernel(causal=causal), _oracle(causal), _qkv(2, 3, tq, tk, d, dtype, device))
+
+
+def test_rows_that_see_no_key_are_zero(device):
+    inputs = {k: v.requires_grad_() for k, v in _qkv(1, 2, 40, 23, 64, F32, device).items()}
+    out = flash_attention(**inputs, backend="triton")
+    out.sum().backward()
+    hidden = 40 - 23  # query i sees keys j <= i - 17
+    assert torch.equal(out[:, :, :hidden], torch.zeros_like(out[:, :, :hidden]))
+    assert out[:, :, hidden:].abs().amin(dim=-1).gt(0).all()
+    assert torch.equal(inputs["q"].grad[:, :, :hidden], torch.zeros_like(inputs["q"].grad[:, :, :hidden]))
+
+
+def test_softmax_scale(device):
+    assert_parity(_kernel(softmax_scale=0.3), _oracle(softmax_scale=0.3), _qkv(1, 2, 33, 33, 48, F32, device))
+
+
+def _packed(b, t, h, d, dtype, device):
+    return {"qkv": torch.randn(b, t, 3, h, d, generator=torch.Generator().manual_seed(1)).to(device, dtype)}
+
+
+def _split(fn):
+    """Attention on the q, k, v views of a packed (B, T, 3, H, D) projection."""
+    def call(qkv):
+        q, k, v = qkv.unbind(2)
+        return fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return call
+
+
+@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+def test_packed_qkv_views_read_in_place(dtype, device, monkeypatch):
+    h, d = 3, 48
+    inputs = _packed(2, 45, h, d, dtype, device)
+    launched = []
+    forward = attention_module.flash_attention_forward
+
+    def spy(q, k, v, *args):
+        # The launcher gets the views themselves: one storage, at the packed offsets.
+        launched.append(({t.untyped_storage().data_ptr() for t in (q, k, v)}, [t.storage_offset() for t in (q, k, v)]))
+        return forward(q, k, v, *args)
+
+    monkeypatch.setattr(attention_module, "flash_attention_forward", spy)
+    assert_parity(_split(_kernel()), _split(_oracle()), inputs)
+    storages, offsets = launched[0]
+    assert len(storages) == 1 and offsets == [0, h * d, 2 * h * d]
+
+
+def test_head_dim_with_non_unit_stride_is_copied(device):
+    qkv = _qkv(2, 2, 19, 19, 32, F32, device)
+    wide = {name: torch.cat([t, t], dim=-1)[..., ::2] for name, t in qkv.items()}
+    assert wide["q"].stride(-1) == 2
+    assert_parity(_kernel(), _oracle(), wide)
+
+
+def test_output_is_stored_token_major(device):
+    out = flash_attention(**_qkv(2, 3, 21, 21, 16, F32, device), backend="triton")
+    assert out.shape == (2, 3, 21, 16) and out.transpose(1, 2).is_contiguous()
+
+
+def test_logsumexp_is_saved_in_fp32(device):
+    inputs = _qkv(1, 2, 30, 11, 48, F16, device)
+    _, lse = attention_module.flash_attention_forward(**inputs, causal=True, softmax_scale=0.2, dropout_p=0.0, seed=0)
+    q, k = inputs["q"].double(), inputs["k"].double()
+    scores = (q @ k.transpose(-1, -2) * 0.2).masked_fill(~reference.causal_mask(30, 11, q.device), float("-inf"))
+    assert lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), torch.logsumexp(scores, dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def test_empty_batch(device):
+    inputs = {k: v.requires_grad_() for k, v in _qkv(0, 2, 7, 7, 16, F32, device).items()}
+    out = flash_attention(**inputs, backend="triton")
+    out.sum().backward()
+    assert out.shape == (0, 2, 7, 16) and inputs["k"].grad.shape == (0, 2, 7, 16)
+
+
+def test_torch_compile_fullgraph_matches_eager(device):
+    inputs = _packed(2, 24, 2, 16, F32, device)
+
+    def block(qkv, backend="triton"):
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        return flash_attention(q, k, v, dropout_p=0.1, seed=7, backend=backend).transpose(1, 2).flatten(2)
+
+    # aot_eager traces exactly what inductor would (dynamo, fake tensors, AOT autograd)
+    # without compiling C++ for the CPU around the kernel, which would only cost time here.
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    leaf, eager_leaf = inputs["qkv"].clone().requires_grad_(), inputs["qkv"].clone().requires_grad_()
+    out = compiled(leaf)
+    out.square().sum().backward()
+    expected = block(eager_leaf)
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(leaf.grad, eager_leaf.grad, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------- dropout
+
+
+DROPOUT_CASES = [(77, 77, 48, True, F32), (5, 77, 64, True, F16), (33, 50, 16, False, F32)]
+
+
+@pytest.mark.parametrize("tq, tk, d, causal, dtype", DROPOUT_CASES, ids=map(_case_id, DROPOUT_CASES))
+def test_dropout_parity_with_the_kernels_mask(tq, tk, d, causal, dtype, device):
+    p, seed = 0.25, 1234
+    mask = attention_module.dropout_mask(seed, (2, 2, tq, tk), p, device)
+    assert 0 < mask.float().mean() < 1
+    assert_parity(
+        _kernel(causal=causal, dropout_p=p, seed=seed),
+        _oracle(causal, dropout_p=p, dropout_mask=mask),
+        _qkv(2, 2, tq, tk, d, dtype, device),
+    )
+
+
+def test_dropout_keep_rate_and_independence(device):
+    p, shape = 0.3, (2, 2, 128, 160)
+    mask = attention_module.dropout_mask(99, shape, p, device).float()
+    assert abs(mask.mean().item() - (1 - p)) < 0.01  # 82k draws: 0.01 is > 5 standard deviations
+    # No structure along any axis: per-head, per-query and per-key keep rates near 1 - p
+    # (bounds at 5 standard deviations).
+    assert (mask.mean(dim=(2, 3)) - (1 - p)).abs().max() < 0.02
+    assert (mask.mean(dim=(0, 1, 3)) - (1 - p)).abs().max() < 0.1
+    assert (mask.mean(dim=(0, 1, 2)) - (1 - p)).abs().max() < 0.1
+    assert not torch.equal(mask[0, 0], mask[0, 1]) and not torch.equal(mask[0, 0], mask[1, 0])
+    assert torch.equal(mask, attention_module.dropout_mask(99, shape, p, device).float())
+    assert not torch.equal(mask, attention_module.dropout_mask(100, shape, p, device).float())
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_dropout_same_seed_same_result(backend, device):
+    inputs = _qkv(1, 2, 40, 40, 16, F32, device)
+
+    def run(seed):
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        out = flash_attention(**leaves, dropout_p=0.4, seed=seed, backend=backend)
+        out.sum().backward()
+        return [out] + [leaves[k].grad for k in ("q", "k", "v")]
+
+    first, again, other = run(5), run(5), run(6)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], other[0])
+
+
+def test_dropout_without_seed_follows_torch_generator(device):
+    inputs = _qkv(1, 1, 16, 16, 16, F32, device)
+    torch.manual_seed(3)
+    first = flash_attention(**inputs, dropout_p=0.5, backend="triton")
+    torch.manual_seed(3)
+    assert torch.equal(first, flash_attention(**inputs, dropout_p=0.5, backend="triton"))
+    assert not torch.equal(first, flash_attention(**inputs, dropout_p=0.5, backend="triton"))
+
+
+# ------------------------------------------------------------------------- memory
+
+
+def _saved(fn, inputs):
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(**leaves)
+    return saved, out
+
+
+def test_saves_only_qkv_output_and_fp32_logsumexp(device):
+    b, h, tq, tk, d = 1, 2, 67, 89, 16  # primes: no saved shape can hide Tq * Tk
+    inputs = _qkv(b, h, tq, tk, d, F16, device)
+    saved, out = _saved(_kernel(dropout_p=0.1, seed=1), inputs)
+    assert all(t.numel() < tq * tk for t in saved), [tuple(t.shape) for t in saved]
+    storages = {t.untyped_storage().data_ptr(): t for t in saved}
+    expected = (2 * b * h * tk * d + 2 * b * h * tq * d) * 2 + b * h * tq * 4  # q k v o in fp16, lse
+    assert sum(t.untyped_storage().nbytes() for t in storages.values()) == expected
+    assert any(t.dtype == torch.float32 and t.shape == (b, h, tq) for t in saved)
+    assert any(t.data_ptr() == out.data_ptr() for t in saved)
+    # The accounting does see a Tq x Tk tensor where one is saved: the reference path, which
+    # keeps the probabilities (and the dropout mask).
+    reference_saved, _ = _saved(lambda **kw: flash_attention(**kw, dropout_p=0.1, seed=1, backend="torch"), inputs)
+    assert any(t.shape[-2:] == (tq, tk) for t in reference_saved)
+
+
+# ------------------------------------------------------------------------- configs
+
+
+def test_configs_suit_the_hardware_and_the_causal_diagonal():
+    for block_d, by_kind in attention_module.HALF_CONFIGS.items():
+        for kind, configs in by_kind.items():
+            owned, looped = ("BLOCK_N", "BLOCK_M") if kind == "dkdv" else ("BLOCK_M", "BLOCK_N")
+            for c in configs:
+                assert c.kwargs[owned] >= max(64, c.kwargs[looped]) and c.num_warps % 4 == 0, (block_d, kind, c)
+    for kind, configs in {**attention_module.FP32_CONFIGS, **attention_module.INTERPRETER_CONFIGS}.items():
+        owned, looped = ("BLOCK_N", "BLOCK_M") if kind == "dkdv" else ("BLOCK_M", "BLOCK_N")
+        assert all(c.kwargs[owned] >= c.kwargs[looped] for c in configs), kind
+
+
+@pytest.mark.parametrize("dtype", [F16, torch.bfloat16, F32], ids=str)
+def test_autotune_pruning_by_shape(dtype):
+    q = torch.empty(0, dtype=dtype)
+    for kind in ("fwd", "dkdv", "dq"):
+        prune = attention_module._prune(kind)
+        for block_d in attention_module.HEAD_DIM_BLOCKS:
+            pool = attention_module.gpu_configs(kind, dtype, block_d)
+            small = prune(pool, dict(Q=q, q_bucket=1, k_bucket=1), BLOCK_D=block_d)
+            assert len(small) == 1 and small[0] in pool
+            assert small[0].kwargs["BLOCK_M"] == min(c.kwargs["BLOCK_M"] for c in pool)
+            assert prune(pool, dict(Q=q, q_bucket=8192, k_bucket=8192), BLOCK_D=block_d) == pool
+            decode = prune(pool, dict(Q=q, q_bucket=1, k_bucket=8192), BLOCK_D=block_d)
+            assert all(c.kwargs["BLOCK_M"] == small[0].kwargs["BLOCK_M"] for c in decode)
+
+
+def test_head_dim_blocks():
+    assert [attention_module.head_dim_block(d) for d in (1, 16, 48, 64, 65, 80, 96, 128)] == [64] * 4 + [128] * 4
+
+
+@pytest.fixture(scope="module")
+def report_rows():
+    from tests.kernels.test_inspect import run_report
+
+    return run_report("attention")
+
+
+def test_compile_report_covers_every_config(report_rows):
+    from fusedgpt.kernels.inspect import DTYPES
+
+    expected = {
+        (v.kernel.__name__, str(v.config), arch)
+        for name in DTYPES for v in attention_module.aot_variants(DTYPES[name]) for arch in ("sm_80", "sm_90")
+    }
+    seen = {(r["kernel"], str({"dtype": r["dtype"], **r["config"]}), r["arch"]) for r in report_rows}
+    assert seen == expected and len(report_rows) == len(expected)
+    kernels = {r["kernel"] for r in report_rows}
+    assert kernels == {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_delta_kernel"}
+
+
+def test_compile_report_is_healthy_with_tensor_cores(report_rows):
+    from fusedgpt.kernels.inspect import problems
+
+    assert problems(report_rows) == []
+    for row in report_rows:
+        where = (row["kernel"], row["dtype"], row["arch"], row["config"])
+        assert row["spill_bytes"] == 0 and 0 < row["registers"] <= 255, where
+        assert row["shared_bytes"] <= row["shared_limit"], where
+        if row["kernel"] == "_attn_bwd_delta_kernel":
+            continue
+        if row["dtype"] in ("float16", "bfloat16"):
+            tensor_cores = row["hmma"] if row["arch"] == "sm_80" else row["hgmma"]
+            assert tensor_cores > 0, where
+        else:  # fp32 is computed in true fp32, on CUDA cores
+            assert row["hmma"] == row["hgmma"] == 0, where
+
+
+# ------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tq, tk, d, causal", [(257, 257, 128, True), (77, 77, 48, False), (5, 77, 80, True)])
+def test_bf16_parity_gpu(tq, tk, d, causal):
+    assert_parity(_kernel(causal=causal), _oracle(causal), _qkv(2, 3, tq, tk, d, torch.bfloat16, "cuda"))
+
+
+@pytest.mark.gpu
+def test_bf16_dropout_parity_gpu():
+    mask = attention_module.dropout_mask(11, (2, 2, 300, 300), 0.2, "cuda")
+    assert_parity(_kernel(dropout_p=0.2, seed=11), _oracle(dropout_p=0.2, dropout_mask=mask),
+                  _qkv(2, 2, 300, 300, 96, torch.bfloat16, "cuda"))
+
+
+# ------------------------------------------------------------------------- dispatch and bad input
+
+
+@pytest.mark.parametrize(
+    "shape, words",
+    [((1, 2, 9, 160), "head dim 160 > 128"), ((65536, 1, 2, 16), "batch 65536 or heads 1 exceed the kernel grid")],
+    ids=["head-dim", "batch"],
+)
+def test_what_the_kernel_cannot_take_goes_to_reference_under_auto(shape, words, device):
+    b, h, t, d = shape
+    inputs = _qkv(b, h, t, t, d, F32, device)
+    torch.testing.assert_close(flash_attention(**inputs), reference.attention(**inputs))
+    with pytest.raises(BackendUnavailableError, match=words):
+        flash_attention(**inputs, backend="triton")
+
+
+def test_float64_and_bf16_go_to_reference_under_auto(device):
+    inputs = _qkv(1, 2, 9, 9, 16, torch.float64, device)
+    torch.testing.assert_close(flash_attention(**inputs), reference.attention(**inputs))
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        flash_attention(**inputs, backend="triton")
+    if not torch.cuda.is_available():
+        bf16 = _qkv(1, 2, 9, 9, 16, torch.bfloat16, "cpu")
+        torch.testing.assert_close(flash_attention(**bf16), reference.attention(**bf16))
+        with pytest.raises(BackendUnavailableError, match="bfloat16"):
+            flash_attention(**bf16, backend="triton")
+
+
+def test_explicit_triton_without_interpreter_raises(monkeypatch):
+    monkeypatch.setattr("fusedgpt.kernels.backend.INTERPRETER_ON", False)
+    inputs = _qkv(1, 1, 4, 4, 16, F32, "cpu")
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET"):
+        flash_attention(**inputs, backend="triton")
+    torch.testing.assert_close(flash_attention(**inputs), reference.attention(**inputs))
+
+
+def _bad(**changes):
+    def make():
+        inputs = _qkv(2, 3, 5, 7, 16, F32, "cpu")
+        options = {}
+        for name, change in changes.items():
+            if name in inputs:
+                inputs[name] = change(inputs[name])
+            else:
+                options[name] = change
+        return inputs, options
+    return make
+
+
+@pytest.mark.parametrize(
+    "make, error, words",
+    [
+        (_bad(q=lambda t: t[0]), ValueError, "q must have 4 dimensions"),
+        (_bad(k=lambda t: t[None]), ValueError, "k must have 4 dimensions"),
+        (_bad(k=lambda t: t[:1], v=lambda t: t[:1]), ValueError,
+         r"k must have shape \(B, H, Tk, D\) = \(2, 3, Tk, 16\)"),
+        (_bad(v=lambda t: t[:, :2]), ValueError, "v must have shape"),
+        (_bad(k=lambda t: t[..., :8]), ValueError, "k must have shape"),
+        (_bad(v=lambda t: t[:, :, :6]), ValueError, "k and v must have the same length"),
+        (_bad(q=lambda t: t[:, :, :0]), ValueError, "must be >= 1"),
+        (_bad(k=lambda t: t.half()), TypeError, "k must have q's dtype"),
+        (_bad(q=lambda t: t.long()), TypeError, "q must be float32"),
+        (_bad(v=lambda t: t.numpy()), TypeError, "v must be a torch.Tensor"),
+        (_bad(v=lambda t: t.to("meta")), ValueError, "one device.*v on meta"),
+        (_bad(causal="yes"), TypeError, "causal must be a bool"),
+        (_bad(softmax_scale=0.0), ValueError, "softmax_scale must be None or a positive"),
+        (_bad(softmax_scale=math.nan), ValueError, "softmax_scale"),
+        (_bad(dropout_p=1.0), ValueError, r"dropout_p must be a number in \[0, 1\)"),
+        (_bad(dropout_p=-0.1), ValueError, "dropout_p"),
+        (_bad(seed=-1), ValueError, "seed must be None or an int"),
+        (_bad(seed=1.5), ValueError, "seed"),
+        (_bad(backend="cuda"), ValueError, "backend must be one of"),
+    ],
+)
+def test_bad_input(make, error, words, monkeypatch):
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a kernel launched before the input was rejected")
+
+    monkeypatch.setattr(attention_module, "flash_attention_forward", no_kernel)
+    monkeypatch.setattr(reference, "attention", no_kernel)
+    inputs, options = make()
+    with pytest.raises(error, match=words):
+        flash_attention(**inputs, **options)

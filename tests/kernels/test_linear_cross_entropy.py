@@ -1,0 +1,277 @@
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fusedgpt.kernels import linear_cross_entropy, reference
+from tests.kernels.parity import assert_parity
+from tests.kernels.test_cross_entropy import DTYPES, ROW_SHAPES, assert_covers_every_pair, case_id, make_target
+
+lce_module = importlib.import_module("fusedgpt.kernels.linear_cross_entropy")
+ce_module = importlib.import_module("fusedgpt.kernels.cross_entropy")
+
+HIDDEN = 24
+BACKENDS = ("triton", "torch")  # the same chunk loop, with the kernel or plain PyTorch per chunk
+CHUNK = {1: 1, 7: 3, 300: 64}  # "chunked" cases: several chunks (one for N = 1), the last one short
+
+FACTORS = dict(
+    v=(8, 41, 50257), n=(1, 7, 300), reduction=("mean", "sum", "none"), ignored=("none", "some", "all"),
+    ignore_index=(-100, 3), smoothing=(0.0, 0.1), z=(0.0, 1e-4), dtype=("fp32", "fp16"), bias=(False, True),
+    chunked=(False, True),
+)
+# Pairwise covering design over FACTORS, as in test_cross_entropy.py.
+CASES = [
+    (50257, 300, "none", "some", 3, 0.1, 1e-4, "fp16", True, True),
+    (8, 1, "mean", "none", -100, 0.0, 0.0, "fp32", False, False),
+    (41, 7, "sum", "all", -100, 0.0, 1e-4, "fp32", True, True),
+    (41, 1, "sum", "all", 3, 0.1, 0.0, "fp16", False, False),
+    (8, 7, "mean", "none", 3, 0.1, 0.0, "fp16", True, True),
+    (50257, 7, "none", "some", -100, 0.0, 0.0, "fp32", False, False),
+    (8, 300, "mean", "all", -100, 0.1, 1e-4, "fp32", False, False),
+    (41, 1, "none", "none", 3, 0.0, 1e-4, "fp32", False, True),
+    (8, 300, "sum", "none", -100, 0.0, 0.0, "fp16", True, False),
+    (50257, 1, "mean", "none", -100, 0.0, 0.0, "fp32", True, False),
+    (41, 300, "mean", "some", -100, 0.0, 0.0, "fp32", False, False),
+    (8, 1, "none", "all", -100, 0.0, 0.0, "fp32", False, False),
+    (8, 7, "sum", "some", -100, 0.0, 0.0, "fp32", False, False),
+    (50257, 1, "sum", "all", -100, 0.0, 0.0, "fp32", False, False),
+]
+
+
+def make_inputs(v, n, ignored, ignore_index, dtype, bias, device) -> dict:
+    generator = torch.Generator().manual_seed(n * v)
+    shape = ROW_SHAPES[n]
+    inputs = dict(
+        hidden=torch.randn(*shape, HIDDEN, generator=generator).to(device, dtype),
+        weight=(torch.randn(v, HIDDEN, generator=generator) * (3 / HIDDEN**0.5)).to(device, dtype),
+        target=make_target(shape, v, ignored, ignore_index, generator, device),
+    )
+    if bias:
+        inputs["bias"] = torch.randn(v, generator=generator).to(device, dtype)
+    return inputs
+
+
+def test_cases_cover_every_pair():
+    assert_covers_every_pair(CASES, FACTORS)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_parity(case, backend, device):
+    v, n, reduction, ignored, ignore_index, smoothing, z, dtype, bias, chunked = case
+    options = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=smoothing, z_loss=z)
+    chunk_size = CHUNK[n] if chunked else None
+    # Gradients of hidden, weight and bias; for "none" with a random (non-uniform) grad_output.
+    assert_parity(
+        lambda **kw: linear_cross_entropy(**kw, **options, chunk_size=chunk_size, backend=backend),
+        lambda **kw: reference.linear_cross_entropy(**kw, **options),
+        make_inputs(v, n, ignored, ignore_index, DTYPES[dtype], bias, device),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_none_with_uneven_grad_output(backend, device):
+    """Per-token weights, zero on some tokens: a forward that folded one scale into the
+    gradients would get these wrong."""
+    inputs = make_inputs(41, 7, "none", -100, torch.float32, True, device)
+    weights = torch.tensor([0.0, 1.0, -2.0, 0.0, 5.0, 0.5, 3.0], device=device)
+    assert_parity(
+        lambda **kw: linear_cross_entropy(**kw, reduction="none", chunk_size=2, backend=backend) * weights,
+        lambda **kw: reference.linear_cross_entropy(**kw, reduction="none") * weights,
+        inputs,
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tied_embedding_gradients_add(backend, device):
+    """GPT-2's head is the token embedding: its gradient is the embedding's plus the head's."""
+    v, batch, steps = 41, 3, 5
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, v, (batch, steps), generator=generator).to(device)
+    target = torch.roll(tokens, -1, dims=1)
+
+    def model(loss_fn):
+        def run(embedding, scale):
+            hidden = F.embedding(tokens, embedding) * scale
+            return loss_fn(hidden, embedding, target)
+        return run
+
+    inputs = dict(embedding=torch.randn(v, HIDDEN, generator=generator).to(device),
+                  scale=torch.tensor(2.0).to(device))
+    assert_parity(model(lambda *a: linear_cross_entropy(*a, chunk_size=4, backend=backend)),
+                  model(reference.linear_cross_entropy), inputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend, device):
+    """hidden: a (T, B, H) view of (B, T, H); weight: 24 of 30 columns. Read through their
+    strides; the gradients come back in the inputs' shapes."""
+    generator = torch.Generator().manual_seed(2)
+    inputs = dict(hidden=torch.randn(3, 5, HIDDEN, generator=generator).to(device),
+                  weight=torch.randn(41, 30, generator=generator).to(device))
+    target = torch.randint(0, 41, (5, 3), generator=generator).to(device)
+
+    def strided(fn):
+        return lambda hidden, weight: fn(hidden.transpose(0, 1), weight[:, :HIDDEN], target)
+
+    assert_parity(strided(lambda *a: linear_cross_entropy(*a, chunk_size=4, backend=backend)),
+                  strided(reference.linear_cross_entropy), inputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_weight_and_no_grad(backend, device):
+    inputs = make_inputs(41, 7, "some", -100, torch.float32, True, device)
+    hidden = inputs["hidden"].requires_grad_()
+    loss = linear_cross_entropy(hidden, inputs["weight"], inputs["target"], inputs["bias"], backend=backend)
+    loss.backward()
+    oracle_hidden = inputs["hidden"].detach().double().requires_grad_()
+    expected = reference.linear_cross_entropy(oracle_hidden, inputs["weight"].double(), inputs["target"],
+                                              inputs["bias"].double())
+    expected.backward()
+    torch.testing.assert_close(hidden.grad, oracle_hidden.grad.float(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        no_grad_loss = linear_cross_entropy(hidden, inputs["weight"], inputs["target"], inputs["bias"],
+                                            backend=backend)
+    assert not no_grad_loss.requires_grad
+    torch.testing.assert_close(no_grad_loss, loss.detach())
+
+
+def test_float64_runs_the_chunked_torch_path_exactly(device):
+    inputs = {k: v.double() if v.is_floating_point() else v
+              for k, v in make_inputs(41, 7, "some", -100, torch.float32, True, device).items()}
+    leaves = {k: v.requires_grad_() if v.is_floating_point() else v for k, v in inputs.items()}
+    loss = linear_cross_entropy(**leaves, reduction="none", label_smoothing=0.1, z_loss=1e-4, chunk_size=3)
+    assert loss.dtype == torch.float64
+    grad_output = torch.arange(7.0, dtype=torch.float64, device=device)
+    grads = torch.autograd.grad(loss, [leaves["hidden"], leaves["weight"], leaves["bias"]], grad_output)
+    expected = reference.linear_cross_entropy(**leaves, reduction="none", label_smoothing=0.1, z_loss=1e-4)
+    expected_grads = torch.autograd.grad(expected, [leaves["hidden"], leaves["weight"], leaves["bias"]], grad_output)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_default_chunk_size_fits_budget():
+    budget = lce_module.CHUNK_BYTES
+    for dtype, use_triton, per_logit in [(torch.float32, True, 4), (torch.float32, False, 4),
+                                         (torch.float16, True, 2), (torch.bfloat16, False, 6)]:
+        rows = lce_module.default_chunk_size(10**6, 50257, dtype, use_triton)
+        assert rows * 50257 * per_logit <= budget < (rows + 1) * 50257 * per_logit
+    assert lce_module.default_chunk_size(7, 50257, torch.float32, True) == 7
+    assert lce_module.default_chunk_size(5, 10**9, torch.float32, True) == 1
+    assert lce_module.default_chunk_size(0, 8, torch.float32, True) == 1
+
+
+def test_torch_compile_fullgraph_matches_eager(device):
+    inputs = make_inputs(41, 7, "some", -100, torch.float32, True, device)
+
+    def loss_fn(hidden, weight, target, bias, backend="triton"):
+        mean = linear_cross_entropy(hidden.tanh(), weight, target, bias, chunk_size=3, backend=backend)
+        per_token = linear_cross_entropy(hidden, weight, target, reduction="none", chunk_size=3, backend=backend)
+        return mean * 2 + per_token
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")  # see test_cross_entropy
+    assert_parity(compiled, lambda **kw: reference_loss_fn(**kw), inputs)
+
+
+def reference_loss_fn(hidden, weight, target, bias):
+    mean = reference.linear_cross_entropy(hidden.tanh(), weight, target, bias)
+    return mean * 2 + reference.linear_cross_entropy(hidden, weight, target, reduction="none")
+
+
+class _KernelLaunchesNothing:
+    """Stands in for the Triton kernel under the interpreter, which would need minutes for
+    4096 x 50257 logits. Memory is all the chunk loop's and the launcher's (the kernel only
+    writes into tensors they allocate), and that is what is measured; the parity tests
+    check the kernel's numbers."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_memory_is_a_small_fraction_of_the_logits(backend, device, monkeypatch):
+    """N = 4096, V = 50257, fp32: what linear_cross_entropy holds at its peak beyond its
+    inputs (saved tensors + the largest temporary) against the full logits."""
+    n, v, hidden_size = 4096, 50257, 32
+    if backend == "triton" and device.type == "cpu":
+        monkeypatch.setattr(ce_module, "_cross_entropy_kernel", _KernelLaunchesNothing())
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, hidden_size, generator=generator).to(device).requires_grad_()
+    weight = torch.randn(v, hidden_size, generator=generator).div(hidden_size**0.5).to(device).requires_grad_()
+    target = torch.randint(0, v, (n,), generator=generator).to(device)
+    inputs = {t.untyped_storage().data_ptr() for t in (hidden, weight, target)}
+    saved = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in inputs:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    with torch.profiler.profile(activities=activities, profile_memory=True) as profile:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = linear_cross_entropy(hidden, weight, target, backend=backend)
+        loss.backward()
+    largest = max(max(e.self_cpu_memory_usage, getattr(e, "self_device_memory_usage", 0)) for e in profile.events())
+    logits_bytes = n * v * 4
+    ratio = (sum(saved.values()) + largest) / logits_bytes
+    print(f"\nlinear_cross_entropy[{backend}] N={n} V={v} H={hidden_size} fp32: saved {sum(saved.values())} B "
+          f"+ largest temporary {largest} B = {ratio:.2%} of the full logits ({logits_bytes} B)")
+    assert 0 < largest and ratio <= 0.10
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - baseline) / logits_bytes
+        print(f"CUDA peak beyond the inputs: {peak:.2%} of the full logits")
+        assert peak <= 0.10
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] == 50257], ids=case_id)
+def test_bf16_parity_gpu(case):
+    v, n, reduction, ignored, ignore_index, smoothing, z, _, bias, chunked = case
+    options = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=smoothing, z_loss=z)
+    assert_parity(
+        lambda **kw: linear_cross_entropy(**kw, **options, chunk_size=CHUNK[n] if chunked else None,
+                                          backend="triton"),
+        lambda **kw: reference.linear_cross_entropy(**kw, **options),
+        make_inputs(v, n, ignored, ignore_index, torch.bfloat16, bias, "cuda"),
+    )
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "call, error, words",
+    [
+        (lambda h, w, t: linear_cross_entropy(h, w, t.float()), TypeError, "target must be int64"),
+        (lambda h, w, t: linear_cross_entropy(h, w, t[:3]), ValueError, r"target must have shape \(5,\)"),
+        (lambda h, w, t: linear_cross_entropy(h, w[:, :7], t), ValueError, r"weight must have shape \(V, 8\)"),
+        (lambda h, w, t: linear_cross_entropy(h, w[0], t), ValueError, r"weight must have shape \(V, 8\)"),
+        (lambda h, w, t: linear_cross_entropy(h, w, t, torch.zeros(10)), ValueError, r"bias must have shape \(11,\)"),
+        (lambda h, w, t: linear_cross_entropy(h, w.half(), t), TypeError, "weight must have hidden's dtype"),
+        (lambda h, w, t: linear_cross_entropy(h, w, t, torch.zeros(11).half()), TypeError, "bias must have hidden's"),
+        (lambda h, w, t: linear_cross_entropy(h.long(), w, t), TypeError, "hidden must be float32"),
+        (lambda h, w, t: linear_cross_entropy(h[:, :0], w[:, :0], t), ValueError, "H >= 1"),
+        (lambda h, w, t: linear_cross_entropy(h, w.to("meta"), t), ValueError, "one device.*weight on meta"),
+        (lambda h, w, t: linear_cross_entropy(h, w, t.clamp(max=10) + 1), ValueError, "target holds 11, which"),
+        (lambda h, w, t: linear_cross_entropy(h, w, t, chunk_size=0), ValueError, "chunk_size must be a positive"),
+        (lambda h, w, t: linear_cross_entropy(h, w, t, chunk_size=2.0), ValueError, "chunk_size must be a positive"),
+        (lambda h, w, t: linear_cross_entropy(h, w, t, reduction="batchmean"), ValueError, "reduction must be"),
+        (lambda h, w, t: linear_cross_entropy(h, w, t, label_smoothing=-0.1), ValueError, "label_smoothing"),
+        (lambda h, w, t: linear_cross_entropy(h, w, t, backend="cuda"), ValueError, "backend must be one of"),
+    ],
+)
+def test_bad_input(call, error, words, monkeypatch):
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("work started before the input was rejected")
+
+    monkeypatch.setattr(lce_module, "_chunked", no_kernel)
+    with pytest.raises(error, match=words):
+        call(torch.randn(5, 8), torch.randn(11, 8), torch.tensor([0, 3, 10, 4, 7]))
