@@ -7,18 +7,31 @@ import datetime
 import os
 import statistics
 import subprocess
+import sys
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, NoReturn, Optional, Sequence
 
 import torch
 
-
+from fusedgpt.kernels.backend import interpreter_on
 
 CPU_WARNING = (
     "CPU SMOKE MODE: these timings come from the Triton interpreter / eager PyTorch on a CPU. "
     "They check that the harness runs and the results are correct; they are NOT GPU figures "
     "and say nothing about kernel speed."
 )
+
+
+def needs_interpreter_restart() -> bool:
+    """Whether a CPU-only benchmark must start again with Triton's interpreter on: Triton
+    decides when the kernels are imported whether they are interpreted."""
+    return not interpreter_on() and not torch.cuda.is_available()
+
+
+def restart_under_interpreter(module: str, argv: Sequence[str]) -> NoReturn:
+    """Replace this process by ``python -m module argv`` with ``TRITON_INTERPRET=1``."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.execv(sys.executable, [sys.executable, "-m", module, *argv])
 
 
 def device_label(device: torch.device) -> str:
@@ -64,8 +77,10 @@ def time_ms(fn: Callable[[], object], device: torch.device, smoke: bool) -> tupl
     return statistics.median(samples), samples[0], samples[-1]
 
 
-def results_dir(device: torch.device, root: str = "bench/results") -> str:
-    path = os.path.join(root, f"{device_label(device)}-{datetime.date.today().isoformat()}")
+def results_dir(device: torch.device, out: Optional[str] = None, root: str = "bench/results") -> str:
+    """Where a benchmark writes its results, created: ``out`` when given (``--out``), else
+    ``ROOT/DEVICE-DATE``."""
+    path = out or os.path.join(root, f"{device_label(device)}-{datetime.date.today().isoformat()}")
     os.makedirs(path, exist_ok=True)
     return path
 

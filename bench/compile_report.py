@@ -38,7 +38,7 @@ def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compile_report", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join("docs", "compile-report.md"))
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if common.interpreter_on():
         raise SystemExit("run without TRITON_INTERPRET: the report compiles the real kernels")
 
     from fusedgpt.kernels import inspect as report

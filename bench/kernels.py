@@ -375,10 +375,8 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--out", default=None, help="results directory (default bench/results/<gpu>-<date>)")
     args = parser.parse_args(argv)
 
-    if args.smoke and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-        # The kernels must be built as interpreted functions, so Triton is imported afresh.
-        os.environ["TRITON_INTERPRET"] = "1"
-        return os.execv(sys.executable, [sys.executable, "-m", "bench.kernels", *(argv or sys.argv[1:])])
+    if args.smoke and common.needs_interpreter_restart():
+        common.restart_under_interpreter("bench.kernels", argv or sys.argv[1:])
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type == "cpu" and not args.smoke:
         parser.error("no CUDA device: GPU benchmarks need one (use --smoke to check the harness on CPU)")

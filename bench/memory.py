@@ -113,11 +113,10 @@ def main(argv: Optional[list] = None) -> int:
                         help="fp16 gives the byte counts of bf16 too (same sizes)")
     parser.add_argument("--out", default="bench/results/memory", help="where the table and chart go")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    if common.needs_interpreter_restart():
         # The fused path is what the dispatcher picks for these (fake) CPU tensors only
         # under the interpreter; nothing is launched either way.
-        os.environ["TRITON_INTERPRET"] = "1"
-        return os.execv(sys.executable, [sys.executable, "-m", "bench.memory", *(argv or sys.argv[1:])])
+        common.restart_under_interpreter("bench.memory", argv or sys.argv[1:])
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.dtype]
     rows = audit(args.batch, args.context, dtype)
     fused_txt = [r for r in rows if r["path"] == "fused" and r["TxT_tensors"]]

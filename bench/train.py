@@ -14,7 +14,6 @@ weights and batches, and prints the ratio: the fallback must not be slower than 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -24,19 +23,19 @@ from typing import Optional
 import torch
 
 from bench import common
-from fusedgpt.hardware import gpu_peaks
+from fusedgpt.hardware import autocast, bf16_peak_flops, resolve_device
 
 
-def _step_seconds(model: torch.nn.Module, batches: list, device: torch.device, autocast: bool) -> float:
-    """Wall seconds of one optimizer step on ``batches`` (the median after a warm-up step)."""
+def _step_seconds(model: torch.nn.Module, batches: list, device: torch.device) -> float:
+    """Wall seconds of one optimizer step on ``batches`` (the median after a warm-up step),
+    under the autocast training uses on ``device``."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     times = []
     for index, (idx, targets) in enumerate(batches):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        with amp:
+        with autocast(device):
             loss = model(idx, targets)
         loss.backward()
         optimizer.step()
@@ -63,8 +62,8 @@ def main(argv: Optional[list] = None) -> int:
     from fusedgpt.model.gpt import GPT
     from fusedgpt.train.trainer import flops_per_token
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
+    device = resolve_device("auto")
+    cuda = device.type == "cuda"
     preset = args.preset or ("gpt2" if cuda else "small")
     sizes = {"context_length": args.context} if args.context else {}
     config = GPTConfig.from_preset(preset, kernels="torch", **sizes)
@@ -89,9 +88,9 @@ def main(argv: Optional[list] = None) -> int:
     for _ in range(args.rounds):
         for name, model in providers.items():
             model.train()
-            seconds[name].append(_step_seconds(model, batches, device, autocast=cuda))
+            seconds[name].append(_step_seconds(model, batches, device))
 
-    peak = gpu_peaks(device)
+    peak = bf16_peak_flops(device)
     flops = flops_per_token(reference_model, t)
     rows = []
     for name, samples in seconds.items():
@@ -99,7 +98,7 @@ def main(argv: Optional[list] = None) -> int:
         tokens_per_s = batch * t / step
         row = dict(provider=name, step_ms=step * 1e3, tokens_per_s=tokens_per_s)
         if peak:
-            row["MFU_pct"] = 100 * flops * tokens_per_s / (peak.bf16_tflops * 1e12)
+            row["MFU_pct"] = 100 * flops * tokens_per_s / peak
         rows.append(row)
     header = (f"{preset} (batch {batch}, T={t}, {'bf16 autocast' if cuda else 'fp32'}) on "
               f"{common.device_label(device)}; " + " ".join(f"{k}={v}" for k, v in common.versions().items()))
@@ -110,8 +109,7 @@ def main(argv: Optional[list] = None) -> int:
         fallback, usual = rows[0]["tokens_per_s"], rows[-1]["tokens_per_s"]
         ratio = f"fallback / usual tokens/s = {fallback / usual:.3f} (CPU timings of the reference path, not kernel speed)"
         print("\n" + ratio)
-    out = args.out or os.path.join("bench", "results", f"{common.device_label(device)}-{common.versions()['date']}")
-    os.makedirs(out, exist_ok=True)
+    out = common.results_dir(device, args.out)
     with open(os.path.join(out, "train.md"), "w") as handle:
         handle.write(f"{header}\n\n{table}\n\n{ratio}\n")
     return 0

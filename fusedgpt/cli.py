@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from typing import Optional, Sequence
 
 
@@ -50,11 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.handler(args) or 0)
-    except (ValueError, TypeError, RuntimeError, OSError) as exc:
-        print(f"fusedgpt {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+
+    def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        # Warnings are meant for the user here, not for a developer reading a source line.
+        print(f"fusedgpt {args.command}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning
+        try:
+            return int(args.handler(args) or 0)
+        except (ValueError, TypeError, RuntimeError, OSError) as exc:
+            print(f"fusedgpt {args.command}: error: {exc}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

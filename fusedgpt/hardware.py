@@ -1,10 +1,49 @@
-"""Peak throughput of the GPUs that MFU and %-of-peak figures are measured against."""
+"""The machine the model runs on: which device a ``--device`` choice means, the kernels and
+autocast that suit it, and the peak throughput of the GPUs that MFU and %-of-peak figures
+are measured against."""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import contextlib
+from typing import ContextManager, NamedTuple, Optional
 
 import torch
+
+DEVICE_HELP = "auto|cpu|cuda|cuda:N (auto: CUDA when available)"
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device ``name`` means: ``"auto"`` is CUDA when available, else the CPU; anything
+    else is a torch device name, and a CUDA one must be usable here.
+
+    Raises:
+        ValueError: not a device name, or CUDA asked for where there is none.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"device must be a string such as 'auto', 'cpu' or 'cuda', got {type(name).__name__}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device must be {DEVICE_HELP}, got {name!r}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but CUDA is not available")
+    return device
+
+
+def choose_kernels(device: torch.device, requested: Optional[str] = None) -> str:
+    """``requested`` when given; else the fused Triton kernels (``"auto"``) on CUDA and the
+    reference ops (``"torch"``) elsewhere: the Triton interpreter is for verification and
+    far too slow to train or generate with."""
+    if requested is not None:
+        return requested
+    return "auto" if device.type == "cuda" else "torch"
+
+
+def autocast(device: torch.device) -> ContextManager:
+    """bf16 autocast over fp32 weights on CUDA; nothing elsewhere (the CPU path trains in fp32)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class Peaks(NamedTuple):
@@ -35,3 +74,10 @@ def gpu_peaks(device: torch.device) -> Optional[Peaks]:
         return None
     name = torch.cuda.get_device_name(device)
     return next((peaks for key, peaks in GPU_PEAKS if key in name), None)
+
+
+def bf16_peak_flops(device: torch.device) -> Optional[float]:
+    """The device's dense bf16 peak in FLOP/s, or None for an unknown GPU or a non-CUDA
+    device (then no MFU is reported)."""
+    peaks = gpu_peaks(device)
+    return peaks.bf16_tflops * 1e12 if peaks else None

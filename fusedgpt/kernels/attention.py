@@ -60,7 +60,14 @@ import triton
 import triton.language as tl
 
 from fusedgpt.kernels import backend as _backend
-from fusedgpt.kernels.checks import check_float, check_same_device, float64_unsupported
+from fusedgpt.kernels.checks import (
+    check_bool,
+    check_float,
+    check_number,
+    check_same_device,
+    float64_unsupported,
+    with_unit_last_stride,
+)
 
 Tensor = torch.Tensor
 
@@ -513,11 +520,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _unit_last_stride(t: Tensor) -> Tensor:
-    """The kernels index the head dim with unit stride; anything else is copied on purpose."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _bht_strides(*tensors: Tensor) -> list[int]:
     return [s for t in tensors for s in t.stride()[:3]]
 
@@ -541,7 +543,7 @@ def flash_attention_forward(
     Returns ``o`` (B, H, Tq, D) in q's dtype — stored as (B, Tq, H, D), so that
     ``o.transpose(1, 2).reshape(B, Tq, H * D)`` is free — and the fp32 ``lse`` (B, H, Tq).
     """
-    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    q, k, v = (with_unit_last_stride(t) for t in (q, k, v))
     b, h, tq, d = q.shape
     tk = k.shape[2]
     o = q.new_empty(b, tq, h, d).transpose(1, 2)
@@ -566,7 +568,7 @@ def flash_attention_backward(
     Takes the forward's inputs, its ``o`` and ``lse``, and ``do`` like ``o`` (any strides).
     Returns ``dq``, ``dk``, ``dv`` like q, k, v, in their dtype.
     """
-    do, q, k, v, o = (_unit_last_stride(t) for t in (do, q, k, v, o))
+    do, q, k, v, o = (with_unit_last_stride(t) for t in (do, q, k, v, o))
     b, h, tq, d = q.shape
     tk = k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -594,12 +596,13 @@ def dropout_mask(
     """The keep mask (B, H, Tq, Tk) bool, True = kept, that the kernels draw for ``seed`` and
     ``dropout_p`` — for tests and debugging (it is Tq x Tk; the kernels never store it).
     ``reference.attention(..., dropout_mask=mask)`` then reproduces the kernel's draw."""
+    dropout_p, seed = _check_dropout("dropout_mask", dropout_p, seed)
     b, h, tq, tk = shape
     device = torch.device(device)
     mask = torch.empty(b, h, tq, tk, dtype=torch.int8, device=device)
     _backend.choose("dropout_mask", "triton", [mask])
     _dropout_mask_kernel[(triton.cdiv(tq, 32), triton.cdiv(tk, 32), b * h)](
-        mask, tq, tk, float(dropout_p), int(seed), BLOCK_M=32, BLOCK_N=32,
+        mask, tq, tk, dropout_p, int(seed), BLOCK_M=32, BLOCK_N=32,
     )
     return mask.bool()
 
@@ -658,7 +661,15 @@ _OP = "flash_attention"
 MAX_GRID_YZ = 65535
 
 
-def _check(q, k, v, causal, softmax_scale, dropout_p, seed) -> None:
+def _check_dropout(op: str, dropout_p: object, seed: object) -> tuple[float, Optional[int]]:
+    """``(dropout_p, seed)`` as Python scalars, after checking them; ``seed`` may be None."""
+    dropout_p = check_number(op, "dropout_p", dropout_p, at_least=0.0, below=1.0)
+    return dropout_p, None if seed is None else check_number(op, "seed", seed, integer=True, at_least=0, below=2**63)
+
+
+def _check(q, k, v, causal, softmax_scale, dropout_p, seed) -> tuple[bool, Optional[float], float, Optional[int]]:
+    """Raises on bad input; returns ``(causal, softmax_scale, dropout_p, seed)`` as Python
+    scalars."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(_OP, name, t)
         if t.dim() != 4:
@@ -680,17 +691,10 @@ def _check(q, k, v, causal, softmax_scale, dropout_p, seed) -> None:
         raise ValueError(
             f"{_OP}: sequence lengths and head dim must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}"
         )
-    if not isinstance(causal, bool):
-        raise TypeError(f"{_OP}: causal must be a bool, got {type(causal).__name__}")
-    if softmax_scale is not None and (
-        not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool)
-        or not math.isfinite(softmax_scale) or softmax_scale <= 0
-    ):
-        raise ValueError(f"{_OP}: softmax_scale must be None or a positive finite number, got {softmax_scale!r}")
-    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{_OP}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
-        raise ValueError(f"{_OP}: seed must be None or an int in [0, 2**63), got {seed!r}")
+    causal = check_bool(_OP, "causal", causal)
+    if softmax_scale is not None:
+        softmax_scale = check_number(_OP, "softmax_scale", softmax_scale, above=0.0)
+    return (causal, softmax_scale, *_check_dropout(_OP, dropout_p, seed))
 
 
 def _kernel_unsupported(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
@@ -743,13 +747,13 @@ def flash_attention(
         (B, H, Tq, D) in q's dtype (stored as (B, Tq, H, D) on the kernel path). fp16/bf16
         use tensor cores with fp32 accumulation; fp32 is computed in true fp32 (no TF32).
     """
-    _check(q, k, v, causal, softmax_scale, dropout_p, seed)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    causal, softmax_scale, dropout_p, seed = _check(q, k, v, causal, softmax_scale, dropout_p, seed)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     path = _backend.choose(_OP, backend, (q, k, v), unsupported=_kernel_unsupported(q, k, v))
     if dropout_p > 0 and seed is None:
         seed = _draw_seed()
     if path == "triton":
-        return _FlashAttentionFunction.apply(q, k, v, causal, scale, float(dropout_p), seed or 0)
+        return _FlashAttentionFunction.apply(q, k, v, causal, scale, dropout_p, seed or 0)
     from fusedgpt.kernels import reference
 
     mask = None
@@ -757,7 +761,7 @@ def flash_attention(
         generator = torch.Generator(device=q.device).manual_seed(seed)
         shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         mask = torch.rand(shape, generator=generator, device=q.device) >= dropout_p
-    return reference.attention(q, k, v, causal, scale, float(dropout_p), mask)
+    return reference.attention(q, k, v, causal, scale, dropout_p, mask)
 
 
 # --------------------------------------------------------------------------- compile report

@@ -5,7 +5,8 @@ Choices (the ``backend=`` argument of every public op, or the ``FUSEDGPT_BACKEND
 environment variable when the argument is ``None``):
 
 - ``"auto"`` (default): Triton for CUDA tensors, and for CPU tensors when the Triton
-  interpreter is on (``TRITON_INTERPRET=1`` set before Triton was imported); the reference
+  interpreter is on (``TRITON_INTERPRET`` set to 1, true, on or yes before Triton was
+  imported); the reference
   for anything else and for whatever the kernel says it does not support.
 - ``"triton"``: the kernel, or a :class:`BackendUnavailableError` that says why it cannot
   run. It never falls back silently.
@@ -19,13 +20,24 @@ from typing import Iterable, Literal, Optional
 
 import torch
 
-Backend = Literal["auto", "triton", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 ENV_VAR = "FUSEDGPT_BACKEND"
 
+
+def interpreter_on() -> bool:
+    """Whether ``TRITON_INTERPRET`` now turns Triton's interpreter on, read by Triton's own
+    knob (so every spelling Triton takes counts: 1, true, on, yes, in any case); False
+    when Triton does not import (``TRITON_IMPORT_ERROR`` says why)."""
+    try:
+        from triton import knobs
+    except Exception:  # ImportError, or a broken install raising anything else
+        return False
+    return bool(knobs.runtime.interpret)
+
+
 # Triton decides at decoration time whether @triton.jit builds an interpreted function, so
 # what counts is the variable as it was when the kernels were imported, not as it is now.
-INTERPRETER_ON: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETER_ON: bool = interpreter_on()
 
 
 class BackendUnavailableError(RuntimeError):

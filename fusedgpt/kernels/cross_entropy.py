@@ -57,7 +57,15 @@ import triton
 import triton.language as tl
 
 from fusedgpt.kernels import backend as _backend
-from fusedgpt.kernels.checks import as_rows, check_float, check_same_device, check_tensor, float64_unsupported
+from fusedgpt.kernels.checks import (
+    as_rows,
+    check_bool,
+    check_float,
+    check_number,
+    check_same_device,
+    check_tensor,
+    float64_unsupported,
+)
 
 Tensor = torch.Tensor
 
@@ -296,22 +304,24 @@ def row_grad_scale(grad_output: Tensor, target: Tensor, ignore_index: int, reduc
     return grad / mean_divisor(target, ignore_index) if reduction == "mean" else grad
 
 
-def check_loss_args(op: str, target: Tensor, expected_shape: torch.Size, ignore_index: int, reduction: str,
-                    label_smoothing: float, z_loss: float) -> None:
-    """Checks common to ``cross_entropy`` and ``linear_cross_entropy`` (not the target values)."""
+def check_loss_args(op: str, target: Tensor, expected_shape: torch.Size, ignore_index: object, reduction: str,
+                    label_smoothing: object, z_loss: object, validate: object) -> tuple[int, float, float, bool]:
+    """Checks common to ``cross_entropy`` and ``linear_cross_entropy`` (not the target
+    values); returns ``(ignore_index, label_smoothing, z_loss, validate)`` as Python scalars."""
     check_tensor(op, "target", target)
     if target.dtype != torch.int64:
         raise TypeError(f"{op}: target must be int64 class indices, got {target.dtype}")
     if target.shape != expected_shape:
         raise ValueError(f"{op}: target must have shape {tuple(expected_shape)}, got {tuple(target.shape)}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    for name, value, upper in (("label_smoothing", label_smoothing, 1.0), ("z_loss", z_loss, float("inf"))):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= upper:
-            bound = "in [0, 1]" if upper == 1.0 else ">= 0"
-            raise ValueError(f"{op}: {name} must be a number {bound}, got {value!r}")
+    return (
+        # Compared with int64 targets: a value past int64 could never match one.
+        check_number(op, "ignore_index", ignore_index, integer=True, at_least=-(2**63), below=2**63),
+        check_number(op, "label_smoothing", label_smoothing, at_least=0.0, at_most=1.0),
+        check_number(op, "z_loss", z_loss, at_least=0.0),
+        check_bool(op, "validate", validate),
+    )
 
 
 def checked_target(op: str, target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
@@ -365,14 +375,15 @@ def cross_entropy(
         logits: (..., V) float32, float16 or bfloat16 (float64 on the reference path); any
             strides (a copy is made only when the last dimension is not contiguous).
         target: (...) int64 class indices in [0, V), or ``ignore_index``.
-        ignore_index: rows with this target add nothing to the loss or its gradient.
+        ignore_index: rows with this target add nothing to the loss or its gradient; an
+            int in int64's range (numbers here may be Python or numpy scalars).
         reduction: "mean" (over the rows not ignored; 0 when every row is ignored, where
             torch gives nan), "sum" or "none".
         label_smoothing: s in [0, 1]: the target distribution is (1 - s) one-hot + s / V.
         z_loss: adds ``z_loss * logsumexp(logits) ** 2`` per row (PaLM), reduced like the loss.
         validate: check that every target is ``ignore_index`` or in [0, V) (one
             device-to-host synchronisation). With False, a bad target is never read out of
-            bounds but gives a NaN loss for its row.
+            bounds but gives a NaN loss and gradient for its row (on either backend).
         backend: None (``$FUSEDGPT_BACKEND`` or ``auto``), ``"auto"``, ``"triton"``, ``"torch"``.
 
     Returns:
@@ -383,15 +394,15 @@ def cross_entropy(
     check_float(op, "logits", logits)
     if logits.dim() == 0 or logits.shape[-1] == 0:
         raise ValueError(f"{op}: logits must have shape (..., V) with V >= 1, got {tuple(logits.shape)}")
-    check_loss_args(op, target, logits.shape[:-1], ignore_index, reduction, label_smoothing, z_loss)
+    ignore_index, label_smoothing, z_loss, validate = check_loss_args(
+        op, target, logits.shape[:-1], ignore_index, reduction, label_smoothing, z_loss, validate
+    )
     check_same_device(op, logits=logits, target=target)
     path = _backend.choose(op, backend, (logits,), unsupported=float64_unsupported(logits))
     if validate:
         target = checked_target(op, target, logits.shape[-1], ignore_index)
     if path == "triton":
-        return _CrossEntropyFunction.apply(
-            logits, target, ignore_index, reduction, float(label_smoothing), float(z_loss)
-        )
+        return _CrossEntropyFunction.apply(logits, target, ignore_index, reduction, label_smoothing, z_loss)
     from fusedgpt.kernels import reference
 
     return reference.cross_entropy(logits, target, ignore_index, reduction, label_smoothing, z_loss)

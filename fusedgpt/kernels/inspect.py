@@ -28,9 +28,11 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
+
+from fusedgpt.kernels import backend as _backend
 
 # Modules that register kernels in the report: each defines ``aot_variants(dtype)``.
 OP_MODULES: tuple[str, ...] = (
@@ -244,7 +246,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The `fusedgpt kernels inspect` command. Exit status 1 when a row is unhealthy."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if _backend.interpreter_on():
         # The interpreter replaces @triton.jit kernels with Python stand-ins that cannot be
         # compiled; the report runs in a child process without it.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from fusedgpt.kernels import backend as _backend
-from fusedgpt.kernels.checks import as_rows, check_float, check_same_device, float64_unsupported
+from fusedgpt.kernels.checks import as_rows, check_float, check_number, check_same_device, float64_unsupported
 
 Tensor = torch.Tensor
 
@@ -362,7 +362,8 @@ class _LayerNormFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------- public
 
 
-def _check(op: str, x, residual, weight, bias, eps) -> None:
+def _check(op: str, x, residual, weight, bias, eps) -> float:
+    """Raises on bad input; returns ``eps`` as a float."""
     check_float(op, "x", x)
     check_float(op, "weight", weight)
     if residual is not None:
@@ -382,17 +383,16 @@ def _check(op: str, x, residual, weight, bias, eps) -> None:
         raise ValueError(f"{op}: weight must have shape ({n},) to match x's last dimension, got {tuple(weight.shape)}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"{op}: bias must have shape ({n},) to match x's last dimension, got {tuple(bias.shape)}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
-        raise ValueError(f"{op}: eps must be a positive number, got {eps!r}")
     check_same_device(op, x=x, residual=residual, weight=weight, bias=bias)
+    return check_number(op, "eps", eps, above=0.0)
 
 
 def _dispatch(op, x, residual, weight, bias, eps, backend) -> tuple[Tensor, Tensor]:
-    _check(op, x, residual, weight, bias, eps)
+    eps = _check(op, x, residual, weight, bias, eps)
     tensors = (x, residual, weight, bias)
     path = _backend.choose(op, backend, tensors, unsupported=float64_unsupported(*tensors))
     if path == "triton":
-        return _LayerNormFunction.apply(x, residual, weight, bias, float(eps))
+        return _LayerNormFunction.apply(x, residual, weight, bias, eps)
     from fusedgpt.kernels import reference
 
     if residual is None:

@@ -10,11 +10,16 @@ most ``CHUNK_BYTES`` (overridable with ``chunk_size``). Per chunk, for "mean" an
     grad_W   += dlogits.T @ h_c                      (V, H), fp32 accumulator
     grad_b   += sum over rows of dlogits             (V,),   fp32 accumulator
 
-so the forward ends holding the gradients (already scaled by 1 / n_kept for "mean"), and
-the backward only multiplies them by the incoming scalar gradient. One chunk buffer serves
-every chunk and becomes its gradient in place, so beyond the gradients themselves (the
-fp32 V x H weight accumulator, N x H for hidden: what eager PyTorch's backward allocates
-too) the extra memory is one chunk of logits, never the (N, V) logits.
+so the forward ends holding the gradients of the summed loss, and the backward only
+multiplies them by the incoming scalar gradient (over n_kept for "mean"), in fp32, and
+rounds once to the inputs' dtype. The forward cannot fold that scale in: with fp16 inputs
+a "mean" over thousands of tokens would push the stored gradients under fp16's normal
+range before a loss scaler's large incoming gradient (GradScaler's 65536) could lift them
+back. The weight and bias gradients stay in their fp32 accumulators until then (a sum
+over N tokens may outgrow fp16, too), so beyond the gradients themselves (the fp32 V x H
+weight accumulator, N x H for hidden: what eager PyTorch's backward allocates too) the
+extra memory is one chunk of logits, never the (N, V) logits. One chunk buffer serves
+every chunk and becomes its gradient in place.
 
 "none" cannot be done that way: each row's loss gets its own incoming gradient, unknown
 during the forward. The forward then computes only the losses and saves the per-row
@@ -38,7 +43,7 @@ from typing import Callable, Optional
 import torch
 
 from fusedgpt.kernels import backend as _backend
-from fusedgpt.kernels.checks import check_float, check_same_device, float64_unsupported
+from fusedgpt.kernels.checks import check_float, check_number, check_same_device, float64_unsupported
 from fusedgpt.kernels.cross_entropy import (
     check_loss_args,
     checked_target,
@@ -68,7 +73,7 @@ def default_chunk_size(num_tokens: int, vocab_size: int, dtype: torch.dtype, use
 # ------------------------------------------------------------ the per-chunk loss
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
     """fp32 for fp32 and half inputs; fp64 stays fp64 (the torch path's oracle-grade mode)."""
     return torch.promote_types(dtype, torch.float32)
 
@@ -82,7 +87,7 @@ def _torch_chunk_loss(logits: Tensor, target: Tensor, nll: Optional[Tensor], gra
     ``sum_i grad_scale_i * loss_i``. The work is in fp32: in place for fp32 logits, in one
     fp32 copy otherwise. Unlike the kernel's, the nll of an ignored row is that of class 0
     (finite), which keeps the backward's exponentials finite before the zero scale."""
-    x = logits.to(_compute_dtype(logits.dtype))
+    x = logits.to(_at_least_fp32(logits.dtype))
     v = x.shape[1]
     kept = target != ignore_index
     usable = kept & (target >= 0) & (target < v)
@@ -142,13 +147,14 @@ def _chunked(
     backward). ``grad_scale`` (fp32, 0-dim or (N,)) given: also the gradients of
     ``sum_i grad_scale_i * loss_i`` for the inputs flagged in ``needs_grad`` (hidden,
     weight, bias). Returns ``(loss, nll, grad_hidden, grad_weight, grad_bias)``, each
-    empty where not computed.
+    empty where not computed; ``grad_hidden`` in hidden's dtype, the other two in their
+    fp32 (fp64 for fp64 inputs) accumulators.
     """
     chunk_loss: Callable = _triton_chunk_loss if use_triton else _torch_chunk_loss
     n, v = hidden.shape[0], weight.shape[0]
     device = hidden.device
     computes_loss = nll is None
-    acc_dtype = _compute_dtype(hidden.dtype)
+    acc_dtype = _at_least_fp32(hidden.dtype)
     loss = torch.empty(n if computes_loss else 0, dtype=acc_dtype, device=device)
     if computes_loss:
         nll = torch.empty(n, dtype=acc_dtype, device=device)
@@ -181,8 +187,8 @@ def _chunked(
                 weight_acc += torch.mm(logits.t(), h)
         if wants[2]:
             bias_acc += logits.sum(0, dtype=acc_dtype)
-    grad_weight = weight_acc.to(weight.dtype) if wants[1] else weight.new_empty(0)
-    grad_bias = bias_acc.to(bias.dtype) if wants[2] else weight.new_empty(0)
+    grad_weight = weight_acc if wants[1] else weight.new_empty(0)
+    grad_bias = bias_acc if wants[2] else weight.new_empty(0)
     return loss, nll, grad_hidden, grad_weight, grad_bias
 
 
@@ -199,20 +205,20 @@ def _linear_cross_entropy_fwd_op(
                     z_loss, chunk_size, use_triton)
 
 
-def _fake_grads(hidden, weight, bias, wants):
+def _fake_grads(hidden, weight, bias, wants, sums_dtype):
     return (
         torch.empty_like(hidden) if wants[0] else hidden.new_empty(0),
-        torch.empty_like(weight) if wants[1] else weight.new_empty(0),
-        torch.empty_like(bias) if wants[2] else weight.new_empty(0),
+        torch.empty_like(weight, dtype=sums_dtype) if wants[1] else weight.new_empty(0),
+        torch.empty_like(bias, dtype=sums_dtype) if wants[2] else weight.new_empty(0),
     )
 
 
 @_linear_cross_entropy_fwd_op.register_fake
 def _(hidden, weight, target, bias, grad_scale, needs_grad, ignore_index, label_smoothing, z_loss, chunk_size,
       use_triton):
-    rows = hidden.new_empty(hidden.shape[0], dtype=_compute_dtype(hidden.dtype))
+    rows = hidden.new_empty(hidden.shape[0], dtype=_at_least_fp32(hidden.dtype))
     wants = [grad_scale is not None and flag for flag in needs_grad]
-    return (rows, torch.empty_like(rows), *_fake_grads(hidden, weight, bias, wants))
+    return (rows, torch.empty_like(rows), *_fake_grads(hidden, weight, bias, wants, rows.dtype))
 
 
 @torch.library.custom_op("fusedgpt::linear_cross_entropy_bwd", mutates_args=())
@@ -221,15 +227,17 @@ def _linear_cross_entropy_bwd_op(
     needs_grad: list[bool], ignore_index: int, label_smoothing: float, z_loss: float, chunk_size: int,
     use_triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _, _, *grads = _chunked(hidden, weight, target, bias, nll, grad_rows, needs_grad, ignore_index,
-                            label_smoothing, z_loss, chunk_size, use_triton)
-    return tuple(grads)
+    _, _, grad_hidden, grad_weight, grad_bias = _chunked(
+        hidden, weight, target, bias, nll, grad_rows, needs_grad, ignore_index, label_smoothing, z_loss,
+        chunk_size, use_triton,
+    )
+    return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
 
 
 @_linear_cross_entropy_bwd_op.register_fake
 def _(hidden, weight, target, bias, nll, grad_rows, needs_grad, ignore_index, label_smoothing, z_loss, chunk_size,
       use_triton):
-    return _fake_grads(hidden, weight, bias, needs_grad)
+    return _fake_grads(hidden, weight, bias, needs_grad, weight.dtype)
 
 
 # --------------------------------------------------------------------------- autograd
@@ -245,19 +253,20 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         needs_grad = [grad_enabled and needs[0], grad_enabled and needs[1], grad_enabled and needs[3]]
         args = (ignore_index, label_smoothing, z_loss, chunk_size, use_triton)
-        # "mean"/"sum": gradients now, for the scalar loss; "none": after, from the saved nll.
+        # "mean"/"sum": gradients of the summed loss now, scaled in the backward; "none":
+        # after, from the saved nll.
         grad_scale = None
         if reduction != "none" and any(needs_grad):
-            one = torch.ones((), dtype=hidden.dtype, device=hidden.device)
-            grad_scale = row_grad_scale(one, flat_target, ignore_index, reduction)
+            grad_scale = torch.ones((), dtype=_at_least_fp32(hidden.dtype), device=hidden.device)
         loss, nll, grad_hidden, grad_weight, grad_bias = torch.ops.fusedgpt.linear_cross_entropy_fwd(
             rows, weight, flat_target, bias, grad_scale, needs_grad, *args
         )
         if reduction == "none":
             ctx.save_for_backward(rows, weight, flat_target, bias, nll)
         else:
-            ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+            ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, flat_target)
         ctx.reduction, ctx.needs_grad, ctx.args, ctx.hidden_shape = reduction, needs_grad, args, hidden.shape
+        ctx.dtype = hidden.dtype
         return reduce_loss(loss, flat_target, ignore_index, reduction, target.shape)
 
     @staticmethod
@@ -269,7 +278,11 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                 ctx.needs_grad, *ctx.args,
             )
         else:
-            grads = [g * grad_output for g in ctx.saved_tensors]
+            *sums, flat_target = ctx.saved_tensors
+            scale = row_grad_scale(grad_output, flat_target, ctx.args[0], ctx.reduction).reshape(1)
+            # A 1-element (not 0-dim) fp32 scale takes part in type promotion: an fp16
+            # gradient is multiplied in fp32, not by the scale rounded to fp16.
+            grads = [torch.mul(g, scale).to(ctx.dtype) for g in sums]
         grad_hidden, grad_weight, grad_bias = (g if need else None for g, need in zip(grads, ctx.needs_grad))
         if grad_hidden is not None:
             grad_hidden = grad_hidden.view(ctx.hidden_shape)
@@ -309,13 +322,16 @@ def linear_cross_entropy(
 
     Returns:
         fp32 loss (fp64 for fp64 inputs): a scalar, or (...) for "none". For "mean"/"sum"
-        the gradients are computed during the forward (backward only scales them); for
-        "none" the backward recomputes the logits chunk by chunk, so any ``grad_output``
-        is handled exactly.
+        the gradients of the summed loss are computed during the forward (the backward
+        scales them by ``grad_output``, over n_kept for "mean", in fp32); for "none" the
+        backward recomputes the logits chunk by chunk, so any ``grad_output`` is handled
+        exactly.
     """
     op = "linear_cross_entropy"
     check_float(op, "hidden", hidden)
     check_float(op, "weight", weight)
+    if bias is not None:
+        check_float(op, "bias", bias)
     if hidden.dim() == 0 or hidden.shape[-1] == 0:
         raise ValueError(f"{op}: hidden must have shape (..., H) with H >= 1, got {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden.shape[-1]:
@@ -327,9 +343,11 @@ def linear_cross_entropy(
     vocab_size = weight.shape[0]
     if bias is not None and bias.shape != (vocab_size,):
         raise ValueError(f"{op}: bias must have shape ({vocab_size},) to match weight, got {tuple(bias.shape)}")
-    check_loss_args(op, target, hidden.shape[:-1], ignore_index, reduction, label_smoothing, z_loss)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
-        raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    ignore_index, label_smoothing, z_loss, validate = check_loss_args(
+        op, target, hidden.shape[:-1], ignore_index, reduction, label_smoothing, z_loss, validate
+    )
+    if chunk_size is not None:
+        chunk_size = check_number(op, "chunk_size", chunk_size, integer=True, at_least=1)
     check_same_device(op, hidden=hidden, weight=weight, target=target, bias=bias)
     use_triton = _backend.choose(op, backend, (hidden, weight, bias),
                                  unsupported=float64_unsupported(hidden)) == "triton"
@@ -339,6 +357,6 @@ def linear_cross_entropy(
     if chunk_size is None:
         chunk_size = default_chunk_size(num_tokens, vocab_size, hidden.dtype, use_triton)
     return _LinearCrossEntropyFunction.apply(
-        hidden, weight, target, bias, ignore_index, reduction, float(label_smoothing), float(z_loss),
-        chunk_size, use_triton, torch.is_grad_enabled(),
+        hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size, use_triton,
+        torch.is_grad_enabled(),
     )

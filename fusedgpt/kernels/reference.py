@@ -57,13 +57,16 @@ def cross_entropy(
     with ``lse = logsumexp(logits)``, ``s`` the label smoothing and ``z`` the z-loss weight;
     0 where ``target == ignore_index``. ``mean`` divides by the number of tokens not ignored,
     and gives 0 (not nan) when every token is ignored. The loss is returned in fp32 (fp64 for
-    fp64 logits).
+    fp64 logits). A target that is neither ``ignore_index`` nor a class in [0, V) (which
+    the public ops let through with ``validate=False``) gives its token a NaN loss and a NaN
+    gradient, as the kernel does, rather than an indexing error.
     """
     dtype = _compute_dtype(logits)
     flat = logits.reshape(-1, logits.shape[-1]).to(dtype)
     flat_target = target.reshape(-1)
     keep = flat_target != ignore_index
-    safe_target = torch.where(keep, flat_target, torch.zeros_like(flat_target))
+    bad = keep & ((flat_target < 0) | (flat_target >= flat.shape[-1]))
+    safe_target = torch.where(keep & ~bad, flat_target, torch.zeros_like(flat_target))
     lse = torch.logsumexp(flat, dim=-1)
     target_logit = flat.gather(-1, safe_target[:, None]).squeeze(-1)
     loss = (1.0 - label_smoothing) * (lse - target_logit)
@@ -71,6 +74,7 @@ def cross_entropy(
         loss = loss + label_smoothing * (lse - flat.mean(dim=-1))
     if z_loss:
         loss = loss + z_loss * lse.square()
+    loss = loss * torch.where(bad, float("nan"), 1.0)  # a factor, so the gradient is NaN too
     loss = torch.where(keep, loss, torch.zeros_like(loss))
     if reduction == "none":
         return loss.reshape(target.shape)

@@ -19,7 +19,8 @@ from typing import Iterator, Optional, Union
 
 import torch
 
-from fusedgpt.model.config import KERNEL_CHOICES, GPTConfig
+from fusedgpt.hardware import DEVICE_HELP, choose_kernels, resolve_device
+from fusedgpt.model.config import KERNEL_CHOICES
 from fusedgpt.model.gpt import GPT, KVCache
 
 Tensor = torch.Tensor
@@ -82,12 +83,16 @@ def stream(
 def filter_logits(logits: Tensor, *, top_k: Optional[int] = None, top_p: Optional[float] = None) -> Tensor:
     """Logits (..., V) with every token outside the top-k and outside the nucleus set to -inf.
 
+    The top-k are exactly ``top_k`` tokens; among tokens tied at the k-th value, the ones
+    ``torch.topk`` returns stay.
+
     The nucleus is the smallest set of most likely tokens whose softmax probability sums to at
     least ``top_p``: a token stays when the tokens ranked above it sum to less than top_p.
     """
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # From the indices, not a threshold at the k-th value: ties there would keep more than k.
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, torch.topk(logits, top_k, dim=-1).indices, True)
+        logits = logits.masked_fill(~keep, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
@@ -191,16 +196,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer name or ranks file (default: the one the checkpoint was trained with, else gpt2)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--kernels", choices=KERNEL_CHOICES, default=None,
+                        help="auto|triton|torch (default: auto on CUDA, torch on CPU)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Stream the continuation of ``--prompt`` to stdout, token by token."""
     from fusedgpt.model.tokenizer import get_tokenizer
 
-    model, trained_tokenizer = load_for_generation(args.checkpoint, kernels=args.kernels)
-    model.to(args.device)
+    device = resolve_device(args.device)
+    model, trained_tokenizer = load_for_generation(args.checkpoint, kernels=choose_kernels(device, args.kernels))
+    model.to(device)
     tokenizer = get_tokenizer(args.tokenizer or trained_tokenizer or "gpt2")
     if tokenizer.n_vocab > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.n_vocab} tokens, the model only {model.config.vocab_size}")
@@ -208,8 +215,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.prompt and eos_id is None:
         raise ValueError("--prompt is empty and the tokenizer has no <|endoftext|> token to start from")
     prompt = tokenizer.encode(args.prompt, allowed_special="all") if args.prompt else [eos_id]
-    idx = torch.tensor([prompt], dtype=torch.long, device=args.device)
-    generator = None if args.seed is None else torch.Generator(device=args.device).manual_seed(args.seed)
+    idx = torch.tensor([prompt], dtype=torch.long, device=device)
+    generator = None if args.seed is None else torch.Generator(device=device).manual_seed(args.seed)
 
     # A token can end inside a multi-byte character: decode the bytes incrementally.
     text = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -235,7 +242,7 @@ def load_for_generation(checkpoint: Union[str, os.PathLike], *, kernels: str = "
         from fusedgpt.train.checkpoint import open_checkpoint
 
         trained = open_checkpoint(path)
-        model = GPT(GPTConfig.from_dict({**trained.meta["model"], "kernels": kernels}))
+        model = GPT(trained.model_config(kernels))
         trained.load_weights(model)
         return model.eval(), trained.meta.get("tokenizer")
     return GPT.from_pretrained(checkpoint, kernels=kernels), None

@@ -27,6 +27,7 @@ HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight")
 MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
+REQUIRED_CONFIG_KEYS = ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd")
 LAYER_NORM_EPS = 1e-5  # what the model's LayerNorms use
 GPT2_EOS_ID = 50256
 
@@ -36,10 +37,27 @@ GPT2_EOS_ID = 50256
 
 def load(path: PathLike, **overrides: Any) -> tuple[GPTConfig, dict[str, Tensor]]:
     """The config and a state dict for :class:`fusedgpt.model.gpt.GPT` from a Hugging Face
-    GPT-2 checkpoint (see ``GPT.from_pretrained``)."""
+    GPT-2 checkpoint (see ``GPT.from_pretrained``).
+
+    Raises:
+        FileNotFoundError: no such directory or Hub name, or no weights file in it.
+        ValueError: naming the file: a ``config.json`` or weights file that cannot be read,
+            a missing config key, or a GPT-2 variant this model does not implement.
+    """
     directory = resolve(path)
-    config = config_from_hf(json.loads((directory / "config.json").read_text()), **overrides)
+    config_path = directory / "config.json"
+    config = config_from_hf(_read_json(config_path), source=str(config_path), **overrides)
     return config, state_from_hf(read_weights(directory), config)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        values = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from exc
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return values
 
 
 def resolve(path: PathLike) -> Path:
@@ -73,24 +91,50 @@ def _download(name: str) -> Path:
 
 
 def read_weights(directory: Path) -> dict[str, Tensor]:
-    """Every tensor of the checkpoint in ``directory``, on the CPU, as stored."""
-    from safetensors.torch import load_file
+    """Every tensor of the checkpoint in ``directory``, on the CPU, as stored.
 
+    Raises:
+        FileNotFoundError: no weights file, or a shard the index names is missing.
+        ValueError: a weights file or index that cannot be read, naming it.
+    """
     single, index, pickled = (directory / n for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"))
     if single.is_file():
-        return load_file(single)
+        return _read_safetensors(single)
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {name: t for shard in shards for name, t in load_file(directory / shard).items()}
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no 'weight_map' object")
+        shards = sorted(set(weight_map.values()))
+        return {name: t for shard in shards for name, t in _read_safetensors(directory / shard).items()}
     if pickled.is_file():
-        return torch.load(pickled, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(pickled, map_location="cpu", weights_only=True)
+        except Exception as exc:  # the unpickler raises many types for a damaged file
+            raise ValueError(f"{pickled} cannot be read as PyTorch weights ({type(exc).__name__}: {exc})") from exc
     raise FileNotFoundError(f"{directory} has none of model.safetensors, model.safetensors.index.json, pytorch_model.bin")
 
 
-def config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> GPTConfig:
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    try:
+        return load_file(path)
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a readable safetensors file (damaged or truncated?): {exc}") from exc
+
+
+def config_from_hf(hf_config: dict[str, Any], *, source: str = "config.json", **overrides: Any) -> GPTConfig:
     """A :class:`GPTConfig` for a Hugging Face ``GPT2Config`` dict; refuses the variants this
     model does not implement. Dropout is 0 unless overridden (the model is for inference
-    or fine-tuning, where GPT-2's 0.1 is a choice to make, not a property of the weights)."""
+    or fine-tuning, where GPT-2's 0.1 is a choice to make, not a property of the weights).
+    ``source`` names the dict's file in errors."""
+    missing = [key for key in REQUIRED_CONFIG_KEYS if key not in hf_config]
+    if missing:
+        raise ValueError(f"{source}: missing key {', '.join(map(repr, missing))} (a GPT-2 config has "
+                         f"{', '.join(REQUIRED_CONFIG_KEYS)})")
     n_embd = hf_config["n_embd"]
     unsupported = {
         "model_type": (hf_config.get("model_type", "gpt2"), "gpt2"),
@@ -103,7 +147,7 @@ def config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> GPTConfig:
     }
     for key, (value, allowed) in unsupported.items():
         if value not in (allowed if isinstance(allowed, tuple) else (allowed,)):
-            raise ValueError(f"config.json: {key}={value!r} is not supported (expected {allowed!r})")
+            raise ValueError(f"{source}: {key}={value!r} is not supported (expected {allowed!r})")
     fields = dict(
         vocab_size=hf_config["vocab_size"],
         context_length=hf_config["n_positions"],

@@ -10,11 +10,13 @@ A checkpoint is a directory ``OUT/ckpt_{step:08d}/`` holding
 - ``meta.json``: model config, step, data position, training config, and the size and
   sha256 of the two files above.
 
-It is assembled in a hidden temporary directory and renamed into place, so a save that is
-interrupted leaves the previous checkpoints untouched, and any ``ckpt_*`` directory is
-complete. Loading checks every file against ``meta.json`` first, so a truncated or damaged
-checkpoint is a :class:`CheckpointError` naming the file, not an error from deep inside
-safetensors or the unpickler.
+It is assembled in a hidden temporary directory and renamed into place (see
+:mod:`fusedgpt.train.atomic`, which also makes saving the same step again safe), so a save
+that is interrupted leaves the previous checkpoints untouched, and any ``ckpt_*`` directory
+is complete. Loading checks every file against ``meta.json`` first, so a truncated or
+damaged checkpoint is a :class:`CheckpointError` naming the file, not an error from deep
+inside safetensors or the unpickler. Opening a run directory falls back from a damaged
+newest checkpoint to the newest one that verifies, with a warning naming what it skipped.
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+
+from fusedgpt.model.config import GPTConfig
+from fusedgpt.train import atomic
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
@@ -48,30 +54,25 @@ def checkpoint_name(step: int) -> str:
     return f"ckpt_{step:08d}"
 
 
+def _step_of(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
+
+
 def list_checkpoints(out: PathLike) -> list[Path]:
-    """The checkpoint directories in a run directory, oldest step first."""
+    """The checkpoint directories in a run directory, oldest step first (after putting back
+    any checkpoint whose replacement was cut short, see :func:`atomic.recover`)."""
     out = Path(out)
     if not out.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
+    for backup in out.glob(".ckpt_*" + atomic.BACKUP_SUFFIX):
+        atomic.recover(atomic.target_of_backup(backup))
+    return sorted((p for p in out.iterdir() if p.is_dir() and _NAME.match(p.name)), key=_step_of)
 
 
 def latest_checkpoint(out: PathLike) -> Optional[Path]:
     """The newest checkpoint in a run directory, or ``None``."""
     checkpoints = list_checkpoints(out)
     return checkpoints[-1] if checkpoints else None
-
-
-def resolve_checkpoint(path: PathLike) -> Path:
-    """A checkpoint directory from either itself or a run directory (its newest one)."""
-    path = Path(path)
-    if (path / META_FILE).is_file() and _NAME.match(path.name):
-        return path
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise CheckpointError(f"no checkpoint in {path} (expected {path}/ckpt_NNNNNNNN/ or a checkpoint directory)")
-    return latest
 
 
 def rng_state() -> dict[str, Any]:
@@ -97,14 +98,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     out: PathLike,
     step: int,
@@ -113,7 +106,9 @@ def save_checkpoint(
     meta: dict[str, Any],
     keep_last: int = 3,
 ) -> Path:
-    """Write ``OUT/ckpt_{step}`` atomically and delete all but the newest ``keep_last``.
+    """Write ``OUT/ckpt_{step}`` atomically (replacing a checkpoint of the same step only
+    once the new one is complete) and delete all but the newest ``keep_last`` checkpoints up
+    to ``step``; newer ones (left by a run this one resumed behind) are kept.
 
     Args:
         weights: full (unsharded) tensors by parameter name, each storage once (leave out
@@ -126,38 +121,34 @@ def save_checkpoint(
     """
     from safetensors.torch import save_file
 
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
     if keep_last < 1:
         raise ValueError(f"keep_last must be at least 1, got {keep_last}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".ckpt_*.tmp"):
+    existing = list_checkpoints(out)  # first, so that a checkpoint a killed save displaced is back
+    for stale in out.glob(".ckpt_*" + atomic.STAGING_SUFFIX):
         shutil.rmtree(stale, ignore_errors=True)  # left by a save that was killed
     final = out / checkpoint_name(step)
-    tmp = out / f".{final.name}.tmp"
+    tmp = atomic.staging_path(final)
     tmp.mkdir()
     try:
         save_file({name: t.detach().contiguous().cpu() for name, t in weights.items()}, str(tmp / WEIGHTS_FILE))
         torch.save({"optimizer": optimizer_state, "rng": rng_state()}, tmp / STATE_FILE)
         files = {}
         for name in (WEIGHTS_FILE, STATE_FILE):
-            _fsync(tmp / name)
+            atomic.fsync(tmp / name)
             files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
         record = {"format": FORMAT, "version": VERSION, **meta, "step": step, "files": files}
         (tmp / META_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        _fsync(tmp / META_FILE)
-        if final.exists():
-            # Same step saved again (a resumed run): swap, so one complete copy always exists.
-            old = out / f".{final.name}.old.tmp"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
-        _fsync(out)
+        atomic.fsync(tmp / META_FILE)
+        atomic.swap_in(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(out)[:-keep_last]:
+    kept = [p for p in existing if _step_of(p) < step] + [final]
+    for old in kept[:-keep_last]:
         shutil.rmtree(old)
     return final
 
@@ -173,6 +164,16 @@ class Checkpoint:
     @property
     def step(self) -> int:
         return int(self.meta["step"])
+
+    def model_config(self, kernels: str) -> GPTConfig:
+        """The stored model's configuration, to run on ``kernels``."""
+        stored = self.meta.get("model")
+        if not isinstance(stored, dict):
+            raise CheckpointError(f"checkpoint {self.path} records no model configuration")
+        try:
+            return GPTConfig.from_dict({**stored, "kernels": kernels})
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {self.path} records an invalid model configuration: {exc}") from exc
 
     def load_weights(self, model: torch.nn.Module) -> None:
         """Copy the stored weights into ``model`` (same architecture, any device); a tied
@@ -193,13 +194,37 @@ class Checkpoint:
 
 
 def open_checkpoint(path: PathLike) -> Checkpoint:
-    """Open a checkpoint directory (or a run directory's newest checkpoint) and verify that
-    every file is present, of the recorded size and checksum.
+    """Open a checkpoint directory, or a run directory's newest checkpoint that verifies, and
+    check that every file is present, of the recorded size and checksum.
+
+    A checkpoint named directly must verify. In a run directory, newer checkpoints that do
+    not are skipped with a warning naming them (the run goes on from the newest good one).
 
     Raises:
-        CheckpointError: naming the file that is missing, truncated or damaged.
+        CheckpointError: a named checkpoint that is missing a file, truncated or damaged
+            (naming the file); a run directory with no checkpoint, or none that verifies.
     """
-    path = resolve_checkpoint(path)
+    path = Path(path)
+    if path.is_dir() and _NAME.match(path.name):
+        return _verified(path)
+    checkpoints = list_checkpoints(path)
+    if not checkpoints:
+        raise CheckpointError(f"no checkpoint in {path} (expected {path}/ckpt_NNNNNNNN/ or a checkpoint directory)")
+    failures = []
+    for candidate in reversed(checkpoints):
+        try:
+            checkpoint = _verified(candidate)
+        except CheckpointError as exc:
+            failures.append(str(exc))
+            continue
+        for failure in failures:
+            warnings.warn(f"skipping a newer checkpoint: {failure}; using {checkpoint.path}", stacklevel=2)
+        return checkpoint
+    raise CheckpointError(f"no checkpoint in {path} verifies: " + "; ".join(failures))
+
+
+def _verified(path: Path) -> Checkpoint:
+    """``path``'s checkpoint once every file matches its record in ``meta.json``."""
     meta_path = path / META_FILE
     try:
         meta = json.loads(meta_path.read_text())

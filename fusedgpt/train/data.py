@@ -11,7 +11,9 @@ Each shard is a 64-byte header -- magic ``b"FUSEDGPT"``, format version (uint32)
 token (uint32, always 2), token count (uint64), zero padding -- followed by the tokens as
 little-endian uint16. Documents (a text file, or one JSONL record) are separated by the
 tokenizer's ``<|endoftext|>`` token. ``meta.json`` is written last, so a directory without
-it is an unfinished preparation.
+it is an unfinished preparation. The directory is assembled beside its target and renamed into
+place (:mod:`fusedgpt.train.atomic`), so preparing again replaces an earlier preparation only
+once the new one is complete: bad input leaves the earlier one as it was.
 
 Tokenisation is exact under chunking: long texts are cut only where a newline is followed by
 a non-whitespace character and preceded by one, where GPT-2's pre-tokeniser always starts
@@ -33,6 +35,7 @@ import collections
 import json
 import os
 import re
+import shutil
 import struct
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +44,8 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from fusedgpt.train import atomic
 
 MAGIC = b"FUSEDGPT"
 VERSION = 1
@@ -63,6 +68,9 @@ DEFAULT_SHARD_TOKENS = 100_000_000
 # longer whitespace run would not be: at the end of a text it becomes one piece, inside
 # the text its last character splits off.)
 _SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+# What a prepared directory holds; preparing again replaces the directory whole, so one
+# holding anything else is refused rather than deleted.
+_PREPARED_FILE = re.compile(r"^(meta\.json|\.tokens\.tmp|(train|val)_\d+\.bin)$")
 
 PathLike = Union[str, os.PathLike]
 
@@ -314,8 +322,12 @@ def prepare(
     uint16. ``workers`` processes encode inputs of at least ``process_threshold_bytes``
     (default: every CPU); smaller inputs are encoded in this process.
 
+    ``out`` must be new, empty or an earlier preparation, which is replaced only once the
+    new shards are complete.
+
     Returns the metadata written to ``out/meta.json``. Raises :class:`DataError` (a
-    ``ValueError``) for missing, unreadable, non-UTF-8 or empty input.
+    ``ValueError``) for missing, unreadable, non-UTF-8 or empty input, and for an ``out``
+    that holds other files.
     """
     from fusedgpt.model.tokenizer import get_tokenizer
 
@@ -334,11 +346,39 @@ def prepare(
         workers = os.cpu_count() or 1
     if total_bytes < process_threshold_bytes:
         workers = 1
+    out = Path(out).absolute()
+    _check_replaceable(out)
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [out / META_FILE, *out.glob("train_*.bin"), *out.glob("val_*.bin")]:
-        stale.unlink(missing_ok=True)
+    staging = atomic.staging_path(out)
+    shutil.rmtree(staging, ignore_errors=True)  # left by a preparation that was killed
+    staging.mkdir(parents=True)
+    try:
+        meta = _write_prepared(files, total_bytes, staging, encoding, tokenizer, val_fraction, workers, shard_tokens,
+                               progress, chunk_chars)
+        atomic.swap_in(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return meta
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse an ``out`` that :func:`prepare` could not replace without losing something."""
+    atomic.recover(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; it must be a directory (new, empty or an earlier preparation)")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if not _PREPARED_FILE.match(p.name))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise DataError(f"--out {out} holds files that fusedgpt prepare did not write ({shown}); preparing "
+                            "replaces the whole directory, so choose a new or empty one")
+
+
+def _write_prepared(files: Sequence[Path], total_bytes: int, out: Path, encoding, tokenizer: str, val_fraction: float,
+                    workers: int, shard_tokens: int, progress: bool, chunk_chars: int) -> dict:
+    """Tokenise ``files`` (``total_bytes`` in all) into shards and ``meta.json`` in the empty
+    directory ``out`` (see :func:`prepare`)."""
     stream_path = out / ".tokens.tmp"
     count = 0
     from tqdm.auto import tqdm
@@ -387,19 +427,21 @@ def prepare(
         "sources": [str(path) for path in files],
         "source_bytes": total_bytes,
     }
-    tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out / META_FILE)
+    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    for name in (*train_shards, *val_shards, META_FILE):
+        atomic.fsync(out / name)
     return meta
 
 
 def is_prepared(path: PathLike) -> bool:
     """Whether ``path`` is a finished ``fusedgpt prepare`` directory."""
+    atomic.recover(Path(path))
     return (Path(path) / META_FILE).is_file()
 
 
 def read_meta(path: PathLike) -> dict:
     """The ``meta.json`` of a prepared directory."""
+    atomic.recover(Path(path))
     meta_path = Path(path) / META_FILE
     try:
         meta = json.loads(meta_path.read_text())

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from fusedgpt.hardware import resolve_device
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -36,11 +38,9 @@ def setup(device: str = "auto") -> DistContext:
         device: ``"auto"`` (CUDA when available, each rank on ``cuda:LOCAL_RANK``),
             ``"cpu"`` or ``"cuda"``.
     """
-    if device not in ("auto", "cpu", "cuda"):
+    if device not in ("auto", "cpu", "cuda"):  # no index: every rank takes its own GPU
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available")
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    use_cuda = resolve_device(device).type == "cuda"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -16,7 +16,6 @@ is an ordinary training checkpoint (``OUT/ckpt_NNNNNNNN/``, written atomically b
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -28,6 +27,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
+from fusedgpt.hardware import DEVICE_HELP, autocast, choose_kernels, resolve_device
 from fusedgpt.model.config import KERNEL_CHOICES, PRESETS, GPTConfig
 from fusedgpt.model.gpt import GPT
 from fusedgpt.train import checkpoint as ckpt
@@ -83,23 +83,6 @@ class Base:
     tokenizer: Any  # tiktoken.Encoding
     tokenizer_name: str
     source: str
-
-
-def default_kernels(device: torch.device) -> str:
-    """The fused Triton kernels on CUDA; the reference ops on CPU (the Triton interpreter
-    is for verification, far too slow to train with), as ``fusedgpt train`` does."""
-    return "auto" if device.type == "cuda" else "torch"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (fp32 master weights), as in pretraining; nothing on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def load_base(checkpoint: Optional[str], *, preset: str, tokenizer: Optional[str], kernels: str,
@@ -229,7 +212,7 @@ def open_finetuned(path: PathLike, task: str, *, kernels: str) -> tuple[ckpt.Che
     if found != task:
         what = f"a fine-tuning checkpoint of task {found!r}" if found else "a pretraining checkpoint"
         raise ckpt.CheckpointError(f"{checkpoint.path} is {what}, not of task {task!r}")
-    model = GPT(GPTConfig.from_dict({**checkpoint.meta["model"], "kernels": kernels}))
+    model = GPT(checkpoint.model_config(kernels))
     if checkpoint.meta.get("lora"):
         apply_lora(model, LoRAConfig.from_dict(checkpoint.meta["lora"]))
     return checkpoint, model.eval()
@@ -256,7 +239,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, out: str, epochs: int, bat
     opt.add_argument("--warmup-steps", type=int, default=10)
     opt.add_argument("--grad-clip", type=float, default=1.0, help="0: no clipping")
     opt.add_argument("--seed", type=int, default=0, help="seed for the head/adapters, batch order and splits")
-    opt.add_argument("--device", default="auto", help="auto|cpu|cuda")
+    opt.add_argument("--device", default="auto", help=DEVICE_HELP)
     opt.add_argument("--kernels", choices=KERNEL_CHOICES, default=None,
                      help="auto|triton|torch (default: auto on CUDA, torch on CPU)")
     opt.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -283,9 +266,8 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 
 def base_from_args(args: argparse.Namespace) -> Base:
     device = resolve_device(args.device)
-    kernels = args.kernels or default_kernels(device)
-    return load_base(args.checkpoint, preset=args.preset, tokenizer=args.tokenizer, kernels=kernels, device=device,
-                     seed=args.seed)
+    return load_base(args.checkpoint, preset=args.preset, tokenizer=args.tokenizer,
+                     kernels=choose_kernels(device, args.kernels), device=device, seed=args.seed)
 
 
 def pad_sequences(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:

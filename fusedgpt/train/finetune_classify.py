@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from fusedgpt.hardware import DEVICE_HELP, autocast, choose_kernels, resolve_device
 from fusedgpt.kernels import cross_entropy
 from fusedgpt.model.config import KERNEL_CHOICES
 from fusedgpt.model.gpt import GPT
@@ -138,7 +139,7 @@ def class_logits(model: GPTClassifier, tokens: Sequence[list[int]], pad_id: int,
     out = torch.empty(len(tokens), model.num_classes)
     for start in range(0, len(order), batch_size):
         chosen = order[start : start + batch_size]
-        with finetune.autocast(device):
+        with autocast(device):
             logits = model(*_batch([tokens[i] for i in chosen], pad_id, device))
         out[chosen] = logits.float().cpu()
     model.train(was_training)
@@ -213,7 +214,7 @@ def load_classifier(path: str, *, kernels: str = "auto", device: str = "cpu") ->
     meta = checkpoint.meta
     model = GPTClassifier(gpt, len(meta["classes"]))
     checkpoint.load_weights(model)
-    target = finetune.resolve_device(device)
+    target = resolve_device(device)
     return TextClassifier(model.to(target).eval(), get_tokenizer(meta["tokenizer"]), list(meta["classes"]),
                           int(meta["max_length"]), target)
 
@@ -250,6 +251,8 @@ def load_splits(args: argparse.Namespace, out: Path) -> tuple[dict[str, list[tup
 def run(args: argparse.Namespace) -> int:
     """``fusedgpt finetune-classify``."""
     cfg = finetune.config_from_args(args)
+    if args.max_length is not None and args.max_length < 1:
+        raise ValueError(f"--max-length must be a positive number of tokens, got {args.max_length}")
     if cfg.lora is not None and args.train is not None:
         raise ValueError("--train and --lora-rank exclude each other: with LoRA the adapters and the head train")
     out = Path(args.out)
@@ -264,8 +267,8 @@ def run(args: argparse.Namespace) -> int:
     device = base.model.transformer.wte.weight.device
     print(f"start: {base.source}; tokenizer {base.tokenizer_name}; kernels={base.model.config.kernels}; device {device}")
     context = base.model.config.context_length
-    max_length = args.max_length or context
-    if not 1 <= max_length <= context:
+    max_length = context if args.max_length is None else args.max_length
+    if max_length > context:
         raise ValueError(f"--max-length must be in [1, {context}] (the model's context length), got {max_length}")
     data = {name: encode(base.tokenizer, pairs, classes, max_length, sources[name]) for name, pairs in splits.items()}
     for name, encoded in data.items():
@@ -353,16 +356,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="the --out directory of fusedgpt finetune-classify")
     parser.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify")
-    parser.add_argument("--device", default="auto", help="auto|cpu|cuda")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--kernels", choices=KERNEL_CHOICES, default=None,
                         help="default: auto on CUDA, torch on CPU")
 
 
 def run_predict(args: argparse.Namespace) -> int:
     """``fusedgpt classify``: one line per text, ``label<TAB>probability<TAB>text``."""
-    device = finetune.resolve_device(args.device)
-    classifier = load_classifier(args.checkpoint, kernels=args.kernels or finetune.default_kernels(device),
-                                 device=str(device))
+    device = resolve_device(args.device)
+    classifier = load_classifier(args.checkpoint, kernels=choose_kernels(device, args.kernels), device=str(device))
     probabilities = classifier.probabilities(args.texts)
     for text, row in zip(args.texts, probabilities):
         best = int(row.argmax())

@@ -48,6 +48,7 @@ from typing import Any, Sequence
 
 import torch
 
+from fusedgpt.hardware import autocast, resolve_device
 from fusedgpt.model.gpt import GPT
 from fusedgpt.train import finetune
 from fusedgpt.train import finetune_data as fdata
@@ -134,7 +135,7 @@ def held_out_loss(model: GPT, data: Sequence[EncodedInstruction], pad_id: int, m
         inputs, targets = collate(data[start : start + batch_size], pad_id, mask_prompt)
         kept = int((targets != IGNORE_INDEX).sum())
         if kept:
-            with finetune.autocast(device):
+            with autocast(device):
                 total += model(inputs.to(device), targets.to(device)).item() * kept
             count += kept
     model.train(was_training)
@@ -150,7 +151,7 @@ def respond(model: GPT, tokenizer: Any, prompts: Sequence[str], max_new_tokens: 
     responses = []
     for prompt in prompts:
         idx = torch.tensor([tokenizer.encode_ordinary(prompt)], dtype=torch.long, device=device)
-        with finetune.autocast(device):
+        with autocast(device):
             out = generate(model, idx, max_new_tokens, temperature=0.0, eos_id=tokenizer.eot_token)
         new = out[0, idx.shape[1] :].tolist()
         if tokenizer.eot_token in new:
@@ -167,7 +168,7 @@ def load_instruction_model(path: str, *, kernels: str = "auto", device: str = "c
     checkpoint, model = finetune.open_finetuned(path, TASK, kernels=kernels)
     checkpoint.load_weights(model)
     meta = checkpoint.meta
-    return model.to(finetune.resolve_device(device)), get_tokenizer(meta["tokenizer"]), TEMPLATES[meta["template"]]
+    return model.to(resolve_device(device)), get_tokenizer(meta["tokenizer"]), TEMPLATES[meta["template"]]
 
 
 def load_examples(args: argparse.Namespace, out: Path) -> tuple[dict[str, list[Instruction]], dict[str, str]]:

@@ -31,7 +31,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from fusedgpt.hardware import gpu_peaks
+from fusedgpt.hardware import autocast, bf16_peak_flops, choose_kernels
 from fusedgpt.model.config import KERNEL_CHOICES, PRESETS, GPTConfig
 from fusedgpt.model.gpt import GPT
 from fusedgpt.train import checkpoint as ckpt
@@ -41,9 +41,9 @@ from fusedgpt.train import distributed
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 
-# The embedded job's model: the "small" preset made shallower and narrower, because with
-# GPT-2's 50,257-token vocabulary the output head is most of the work on a CPU.
-DEFAULT_JOB_MODEL = {"n_layer": 4, "n_head": 4, "n_embd": 128}
+# The embedded job's model: the "small" preset made shallower, narrower and shorter,
+# because with GPT-2's 50,257-token vocabulary the output head is most of the work on a CPU.
+DEFAULT_JOB_MODEL = {"n_layer": 4, "n_head": 4, "n_embd": 128, "context_length": 128}
 
 
 @dataclasses.dataclass
@@ -58,7 +58,8 @@ class TrainConfig:
             preset is chosen explicitly).
         data: a prepared directory, a text/JSONL file prepared on the fly into
             ``OUT/data``, or None for the bundled Shakespeare.
-        context_length: None = the preset's.
+        context_length: tokens per window; None = the model's (the preset's, unless
+            ``model`` sets it).
         min_lr: end of the cosine; None = ``lr / 10``.
         save_every: 0 = only at the end (and on Ctrl-C).
         kernels: None = ``"auto"`` on CUDA, ``"torch"`` (the reference ops) on CPU: the Triton
@@ -74,7 +75,7 @@ class TrainConfig:
     val_fraction: float = 0.005
     max_steps: int = 300
     batch_size: int = 16
-    context_length: Optional[int] = 128
+    context_length: Optional[int] = None
     grad_accum: int = 1
     lr: float = 3e-3
     min_lr: Optional[float] = None
@@ -162,10 +163,33 @@ def flops_per_token(model: GPT, context_length: int) -> float:
     return 6.0 * matmul_params + 12.0 * config.n_layer * context_length * config.n_embd
 
 
-def bf16_peak_flops(device: torch.device) -> Optional[float]:
-    """The GPU's dense bf16 peak in FLOP/s, or None when unknown (or not a GPU): then no MFU is shown."""
-    peaks = gpu_peaks(device)
-    return peaks.bf16_tflops * 1e12 if peaks else None
+def model_config(cfg: TrainConfig, vocab_size: int, kernels: str) -> GPTConfig:
+    """The model ``cfg`` describes: its preset with ``cfg.model`` and ``cfg.context_length``
+    applied, for the data's vocabulary, on ``kernels``."""
+    overrides = {"vocab_size": vocab_size, **cfg.model, "kernels": kernels}
+    if cfg.context_length is not None:
+        overrides["context_length"] = cfg.context_length
+    return GPTConfig.from_preset(cfg.preset, **overrides)
+
+
+def check_resumable(requested: GPTConfig, checkpoint: ckpt.Checkpoint) -> None:
+    """Refuse to resume ``checkpoint`` as a model other than the one it holds.
+
+    Raises:
+        ValueError: naming every setting in which ``requested`` differs from the checkpoint's model.
+    """
+    stored = checkpoint.model_config(requested.kernels)
+    differences = [
+        f"{field.name} {getattr(requested, field.name)!r} (the checkpoint has {getattr(stored, field.name)!r})"
+        for field in dataclasses.fields(GPTConfig)
+        if getattr(requested, field.name) != getattr(stored, field.name)
+    ]
+    if differences:
+        raise ValueError(
+            f"--resume continues {checkpoint.path}, but the configuration asks for another model: "
+            f"{'; '.join(differences)}. Resume without changing the model (vocab_size comes from the "
+            "data's tokenizer), or start a new run in another --out"
+        )
 
 
 def _full_state_options():
@@ -221,40 +245,34 @@ class RunResult:
 
 
 class Trainer:
-    """A training run. ``Trainer(cfg).run()`` trains from scratch, or from the newest
-    checkpoint in ``cfg.out`` with ``cfg.resume``."""
+    """A training run. ``Trainer(cfg).run()`` trains from scratch, or with ``cfg.resume``
+    from the newest checkpoint in ``cfg.out`` that verifies: ``resume_from``, when the
+    caller has opened it already (:func:`resolve_config` does), so it is read once."""
 
-    def __init__(self, cfg: TrainConfig, dist: Optional[distributed.DistContext] = None) -> None:
+    def __init__(self, cfg: TrainConfig, dist: Optional[distributed.DistContext] = None,
+                 resume_from: Optional[ckpt.Checkpoint] = None) -> None:
         self.cfg = cfg
         self.dist = dist or distributed.setup(cfg.device)
         self.device = self.dist.device
         self.out = Path(cfg.out)
         self.resume_from: Optional[ckpt.Checkpoint] = None
         if cfg.resume:
-            self.resume_from = ckpt.open_checkpoint(self.out)
+            self.resume_from = resume_from or ckpt.open_checkpoint(self.out)
+        elif resume_from is not None:
+            raise ValueError("resume_from is the checkpoint a run with resume=True continues from; this run does not resume")
         elif ckpt.list_checkpoints(self.out):
             raise ValueError(
                 f"{self.out} already holds checkpoints; pass --resume to continue that run, "
                 "or choose another --out"
             )
-        kernels = cfg.kernels or ("auto" if self.device.type == "cuda" else "torch")
 
         data_dir = self._data_dir()
         self.meta = data_mod.read_meta(data_dir)
         self.tokenizer_name = self.meta["tokenizer"]
+        config = model_config(cfg, self.meta["vocab_size"], choose_kernels(self.device, cfg.kernels))
         if self.resume_from is not None:
-            model_config = GPTConfig.from_dict({**self.resume_from.meta["model"], "kernels": kernels})
-            if model_config.vocab_size != self.meta["vocab_size"]:
-                raise ValueError(
-                    f"the data's vocabulary ({self.meta['vocab_size']}) differs from the checkpoint's "
-                    f"model ({model_config.vocab_size})"
-                )
-        else:
-            overrides = {"vocab_size": self.meta["vocab_size"], **cfg.model, "kernels": kernels}
-            if cfg.context_length is not None:
-                overrides["context_length"] = cfg.context_length
-            model_config = GPTConfig.from_preset(cfg.preset, **overrides)
-        self.context_length = model_config.context_length
+            check_resumable(config, self.resume_from)
+        self.context_length = config.context_length
         self.train_windows = data_mod.RandomWindows(
             data_mod.TokenStream(data_dir, "train"), cfg.batch_size, self.context_length, cfg.seed
         )
@@ -262,7 +280,7 @@ class Trainer:
         self.val_stream.check_fits(self.context_length)
 
         torch.manual_seed(cfg.seed)
-        self.model = GPT(model_config).to(self.device)
+        self.model = GPT(config).to(self.device)
         if self.resume_from is not None:
             self.resume_from.load_weights(self.model)  # whole weights, before any sharding
         self.train_model: torch.nn.Module = self.model
@@ -294,9 +312,7 @@ class Trainer:
             self.step = self.resume_from.step
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
-        self.autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
-        )
+        self.autocast = autocast(self.device)
         self.tokens_per_step = cfg.batch_size * self.context_length * cfg.grad_accum * self.dist.world_size
         self.flops_per_token = flops_per_token(self.model, self.context_length)
         self.peak_flops = bf16_peak_flops(self.device)
@@ -587,7 +603,7 @@ _FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("val_fraction", float, "validation share for on-the-fly preparation"),
     ("max_steps", int, "optimizer steps"),
     ("batch_size", int, "windows per micro-batch per process"),
-    ("context_length", int, "tokens per window (default: the preset's)"),
+    ("context_length", int, "tokens per window (default: the model's: the preset's, 128 for the embedded job)"),
     ("grad_accum", int, "micro-batches per optimizer step per process"),
     ("lr", float, "peak learning rate"),
     ("min_lr", float, "final learning rate (default lr/10)"),
@@ -626,8 +642,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=suppress, help="no progress bar")
 
 
-def resolve_config(flags: dict[str, Any], config_file: Optional[str] = None) -> TrainConfig:
-    """The run's configuration: defaults < the resumed run's < TOML file < flags.
+def resolve_config(flags: dict[str, Any], config_file: Optional[str] = None) -> tuple[TrainConfig, Optional[ckpt.Checkpoint]]:
+    """The run's configuration: defaults < the resumed run's < TOML file < flags; and, for
+    a run that resumes, the verified checkpoint it continues from (for :class:`Trainer`'s
+    ``resume_from``, so the checkpoint is read once).
 
     ``flags`` maps TrainConfig fields to values, and ``"model.FIELD"`` to GPTConfig overrides;
     model overrides from the TOML ``[model]`` table and flags add to the resumed run's, or
@@ -650,22 +668,23 @@ def resolve_config(flags: dict[str, Any], config_file: Optional[str] = None) -> 
             model[key.removeprefix("model.")] = value
         else:
             values[key] = value
+    resume_from = None
     if values.get("resume"):
-        out = values.get("out", TrainConfig.out)
-        stored = ckpt.open_checkpoint(out).meta.get("train")
+        resume_from = ckpt.open_checkpoint(values.get("out", TrainConfig.out))
+        stored = resume_from.meta.get("train")
         if not isinstance(stored, dict):
-            raise ckpt.CheckpointError(f"the newest checkpoint in {out} records no training configuration")
+            raise ckpt.CheckpointError(f"checkpoint {resume_from.path} records no training configuration")
         base_model = stored.get("model", {})
         values = {**stored, **values}
     else:
         # An explicitly chosen preset means that preset, not the embedded job's variant of it.
         base_model = {} if "preset" in values else DEFAULT_JOB_MODEL
     values["model"] = {**base_model, **model}
-    return TrainConfig.from_dict(values, source=config_file or "configuration")
+    return TrainConfig.from_dict(values, source=config_file or "configuration"), resume_from
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The configuration that parsed ``fusedgpt train`` arguments describe."""
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Optional[ckpt.Checkpoint]]:
+    """What :func:`resolve_config` makes of parsed ``fusedgpt train`` arguments."""
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "config")}
     return resolve_config(flags, args.config)
 
@@ -673,10 +692,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     """The ``fusedgpt train`` command: 0 when done, 130 when interrupted (a checkpoint was
     saved); errors, a diverged loss included, are raised for the CLI to report."""
-    cfg = config_from_args(args)
+    cfg, resume_from = config_from_args(args)
     dist = distributed.setup(cfg.device)
     try:
-        result = Trainer(cfg, dist).run()
+        result = Trainer(cfg, dist, resume_from=resume_from).run()
     finally:
         distributed.teardown()
     return 130 if result.status == "interrupted" else 0

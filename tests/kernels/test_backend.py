@@ -17,9 +17,27 @@ def test_auto_takes_the_reference_for_what_the_kernel_does_not_support():
     assert choose("op", "auto", [x], unsupported="head dim 256") == "torch"
 
 
-def test_explicit_triton_never_falls_back():
+def test_explicit_triton_never_falls_back(device):
+    # On the test device the kernels run (CUDA, or the CPU under the interpreter), so the
+    # op's own reason is what stops them.
+    x = torch.randn(2, device=device)
+    assert choose("op", "triton", [x]) == "triton"
     with pytest.raises(BackendUnavailableError, match="op: backend='triton' cannot run: head dim 256"):
-        choose("op", "triton", [torch.randn(2)] if backend.INTERPRETER_ON else [], unsupported="head dim 256")
+        choose("op", "triton", [x], unsupported="head dim 256")
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("1", True), ("true", True), ("ON", True), ("Yes", True),
+    ("0", False), ("false", False), ("off", False), ("", False),
+])
+def test_interpreter_switch_reads_every_spelling_triton_takes(value, expected, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert backend.interpreter_on() is expected
+
+
+def test_interpreter_switch_off_when_unset(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert backend.interpreter_on() is False
 
 
 def test_mixed_or_unsupported_devices_are_not_run_by_triton():

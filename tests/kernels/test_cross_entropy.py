@@ -170,12 +170,9 @@ def test_bad_target_without_validation_stays_in_bounds(device):
     """With validate=False a bad target is never an address. The in-place mode reads and
     writes the same rows: guard rows around them stay untouched, a bad row gets a NaN loss
     and gradient, and the other rows are exact."""
-    v = 37
-    generator = torch.Generator().manual_seed(0)
-    buffer = torch.full((6, v), 123.0, device=device)
-    buffer[1:5] = torch.randn(4, v, generator=generator).to(device)
-    logits = buffer[1:5].clone()
-    target = torch.tensor([2, v, -(2**40), 5], device=device)
+    logits, target = _rows_with_bad_targets(device)
+    buffer = torch.full((6, logits.shape[1]), 123.0, device=device)
+    buffer[1:5] = logits
     loss, _ = ce_module.cross_entropy_forward_backward_(buffer[1:5], target, torch.ones((), device=device),
                                                         -100, 0.0, 0.0)
     good = [0, 3]
@@ -186,11 +183,38 @@ def test_bad_target_without_validation_stays_in_bounds(device):
     torch.testing.assert_close(loss[good], expected.detach())
     torch.testing.assert_close(buffer[1:5][good], reference_logits.grad)
     assert (buffer[[0, 5]] == 123.0).all()
-    # The public function: NaN for the bad rows without validation, a ValueError with it.
-    public = cross_entropy(logits, target, reduction="none", validate=False, backend="triton")
-    assert torch.isnan(public[1:3]).all() and torch.equal(public[good], loss[good])
-    with pytest.raises(ValueError, match=f"target holds {v}, which is neither ignore_index"):
-        cross_entropy(logits, target, backend="triton")
+
+
+def _rows_with_bad_targets(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four rows of 37 logits; the targets of rows 1 and 2 are past either end of [0, 37)."""
+    v = 37
+    logits = torch.randn(4, v, generator=torch.Generator().manual_seed(0)).to(device)
+    return logits, torch.tensor([2, v, -(2**40), 5], device=device)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bad_target_without_validation_is_nan(backend, device):
+    """The public function on either backend: without validation a bad row's loss and
+    gradient are NaN (never an indexing error) and the other rows are untouched by it; with
+    validation, a ValueError."""
+    logits, target = _rows_with_bad_targets(device)
+    good = [0, 3]
+    for reduction in ("none", "sum"):
+        leaf = logits.clone().requires_grad_()
+        loss = cross_entropy(leaf, target, reduction=reduction, validate=False, backend=backend)
+        loss.backward(torch.ones_like(loss))
+        expected_leaf = logits[good].clone().requires_grad_()
+        expected = reference.cross_entropy(expected_leaf, target[good], reduction="none")
+        expected.sum().backward()
+        assert torch.isnan(leaf.grad[1:3]).all()
+        torch.testing.assert_close(leaf.grad[good], expected_leaf.grad)
+        if reduction == "none":
+            assert torch.isnan(loss[1:3]).all()
+            torch.testing.assert_close(loss[good], expected.detach())
+        else:
+            assert torch.isnan(loss)
+    with pytest.raises(ValueError, match="target holds 37, which is neither ignore_index"):
+        cross_entropy(logits, target, backend=backend)
 
 
 def test_torch_compile_fullgraph_matches_eager(device):
@@ -270,9 +294,16 @@ def test_dispatch_bf16_and_float64_go_to_reference():
         (lambda x, t: cross_entropy(x[0, 0], t[0]), ValueError, "V >= 1"),
         (lambda x, t: cross_entropy(x, t.to("meta")), ValueError, "one device.*target on meta"),
         (lambda x, t: cross_entropy(x, t, reduction="avg"), ValueError, "reduction must be one of"),
-        (lambda x, t: cross_entropy(x, t, label_smoothing=1.5), ValueError, "label_smoothing must be"),
-        (lambda x, t: cross_entropy(x, t, z_loss=-1e-4), ValueError, "z_loss must be"),
+        (lambda x, t: cross_entropy(x, t, label_smoothing=1.5), ValueError,
+         "label_smoothing must be a finite real number >= 0 and <= 1, got 1.5"),
+        (lambda x, t: cross_entropy(x, t, label_smoothing=math.nan), ValueError, "label_smoothing must be"),
+        (lambda x, t: cross_entropy(x, t, z_loss=-1e-4), ValueError, "z_loss must be a finite real number >= 0"),
+        (lambda x, t: cross_entropy(x, t, z_loss=math.inf), ValueError, "z_loss must be a finite real number"),
         (lambda x, t: cross_entropy(x, t, ignore_index=-100.0), TypeError, "ignore_index must be an int"),
+        (lambda x, t: cross_entropy(x, t, ignore_index=2**70), ValueError,
+         r"ignore_index must be an int >= -2\*\*63 and < 2\*\*63, got 1180591620717411303424"),
+        (lambda x, t: cross_entropy(x, t, ignore_index=-(2**63) - 1), ValueError, "ignore_index must be an int"),
+        (lambda x, t: cross_entropy(x, t, validate="no"), TypeError, "validate must be a bool, got 'no'"),
         (lambda x, t: cross_entropy(x, t, backend="cuda"), ValueError, "backend must be one of"),
         (lambda x, t: cross_entropy(x, t.clamp(max=8) + 1), ValueError, "target holds 9, which is neither"),
         (lambda x, t: cross_entropy(x, t - 3), ValueError, "target holds -3, which is neither"),

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -169,8 +171,12 @@ def test_float64_goes_to_reference_under_auto(device):
         (lambda x, w: layer_norm(x, w, torch.ones(3)), ValueError, "bias must have shape"),
         (lambda x, w: layer_norm(x.long(), w), TypeError, "x must be float32"),
         (lambda x, w: layer_norm(x, w.int()), TypeError, "weight must be float32"),
-        (lambda x, w: layer_norm(x, w, eps=0.0), ValueError, "eps must be a positive"),
-        (lambda x, w: layer_norm(x, w, eps=-1e-5), ValueError, "eps must be a positive"),
+        (lambda x, w: layer_norm(x, w, eps=0.0), ValueError, "eps must be a finite real number > 0, got 0.0"),
+        (lambda x, w: layer_norm(x, w, eps=-1e-5), ValueError, "eps must be a finite real number > 0"),
+        (lambda x, w: layer_norm(x, w, eps=math.inf), ValueError, "eps must be a finite real number > 0, got inf"),
+        (lambda x, w: add_layer_norm(x, x, w, eps=math.nan), ValueError, "add_layer_norm: eps must be a finite"),
+        (lambda x, w: layer_norm(x, w, eps="1e-5"), TypeError, "eps must be a finite real number"),
+        (lambda x, w: layer_norm(x, w, eps=torch.tensor(1e-5)), TypeError, r"eps must be .*\(Tensor\)"),
         (lambda x, w: layer_norm(x, w, backend="cuda"), ValueError, "backend must be one of"),
         (lambda x, w: layer_norm(x.numpy(), w), TypeError, "x must be a torch.Tensor"),
         (lambda x, w: layer_norm(x, w.to("meta")), ValueError, "one device.*weight on meta"),

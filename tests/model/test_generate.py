@@ -72,6 +72,14 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
         assert torch.equal(filtered[0, kept], logits[0, kept])
 
 
+def test_top_k_keeps_exactly_k_tokens_when_logits_tie():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0], [5.0, 2.0, 2.0, 2.0, 2.0]])
+    kept = torch.isfinite(filter_logits(logits, top_k=2))
+    assert kept.sum(dim=-1).tolist() == [2, 2]
+    assert not kept[0, [0, 4]].any() and kept[1, 0]  # the ties share the places left
+    assert torch.equal(filter_logits(logits, top_k=5), logits)
+
+
 def test_top_k_and_top_p_limit_what_is_sampled(model):
     idx = prompt(4, 3)
     with torch.no_grad():
@@ -143,6 +151,32 @@ def test_bad_arguments(model, change, error, match):
     args.update(change)
     with pytest.raises(error, match=match):
         stream(model, args.pop("idx"), args.pop("max_new_tokens"), **args)
+
+
+def test_command_line_rejects_an_unknown_device(tmp_path, capsys):
+    from fusedgpt.cli import main
+
+    assert main(["generate", "--checkpoint", str(tmp_path), "--device", "gpu0"]) == 2
+    assert "error: device must be auto|cpu|cuda|cuda:N (auto: CUDA when available), got 'gpu0'" in capsys.readouterr().err
+
+
+def test_command_line_skips_a_damaged_newest_checkpoint_of_a_run(tmp_path, capsys):
+    from fusedgpt.cli import main
+    from fusedgpt.train.checkpoint import save_checkpoint
+
+    config = GPTConfig(vocab_size=50257, context_length=16, n_layer=1, n_head=2, n_embd=16, kernels="torch")
+    for step in (1, 2):
+        model = GPT(config)
+        save_checkpoint(tmp_path, step, dict(model.named_parameters()), None, {"model": config.to_dict(), "tokenizer": "gpt2"})
+    damaged = tmp_path / "ckpt_00000002" / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    argv = ["generate", "--prompt", "Hi", "--max-new-tokens", "2", "--temperature", "0", "--device", "cpu"]
+    assert main([*argv, "--checkpoint", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: skipping a newer checkpoint: checkpoint {damaged.parent} is damaged: model.safetensors" in err
+    assert f"using {tmp_path / 'ckpt_00000001'}" in err
+    assert main([*argv, "--checkpoint", str(damaged.parent)]) == 2  # named explicitly: no fallback
+    assert f"error: checkpoint {damaged.parent} is damaged: model.safetensors" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["hugging-face", "training"])

@@ -2,6 +2,7 @@
 network: every checkpoint is a random small model written to a temporary directory)."""
 
 import json
+import re
 import sys
 
 import pytest
@@ -104,6 +105,29 @@ def test_missing_files(tmp_path):
         GPT.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(hf.config_to_hf(GPTConfig(vocab_size=V), torch.float32)))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        GPT.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "model.safetensors").write_bytes(b"not a safetensors file"),
+         r"model.safetensors is not a readable safetensors file"),
+        (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-100]),
+         r"model.safetensors is not a readable safetensors file"),
+        (lambda d: (d / "config.json").write_text(json.dumps({k: v for k, v in json.loads((d / "config.json").read_text()).items()
+                                                               if k != "vocab_size"})),
+         r"config.json: missing key 'vocab_size'"),
+        (lambda d: (d / "config.json").write_text("{not json"), r"config.json is not valid JSON"),
+        (lambda d: ((d / "model.safetensors").unlink(), (d / "pytorch_model.bin").write_bytes(b"garbage")),
+         r"pytorch_model.bin cannot be read as PyTorch weights"),
+    ],
+    ids=["garbage-weights", "truncated-weights", "config-without-vocab-size", "config-not-json", "garbage-pickle"],
+)
+def test_damaged_files_are_value_errors_naming_the_file(tmp_path, damage, message):
+    GPT(GPTConfig(vocab_size=V, context_length=16, n_layer=1, n_head=2, n_embd=16, kernels="torch")).save_pretrained(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path)) + ".*" + message):
         GPT.from_pretrained(tmp_path)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from fusedgpt.cli import main
 from fusedgpt.model.config import GPTConfig
 from fusedgpt.model.gpt import GPT
+from fusedgpt.train import atomic
 from fusedgpt.train import checkpoint as ckpt
 from fusedgpt.train.checkpoint import CheckpointError
 
@@ -58,6 +60,51 @@ def test_keeps_only_the_last_k(tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt_00000003", "ckpt_00000004"]
 
 
+def test_a_save_behind_a_newer_checkpoint_keeps_both(tmp_path):
+    """A run resumed behind a newer (damaged) checkpoint: pruning counts only the steps up
+    to the one saved, so neither the new checkpoint nor the newer one is deleted."""
+    model, optimizer = model_and_optimizer()
+    save(tmp_path, 5, model, optimizer)
+    new = save(tmp_path, 3, model, optimizer, keep_last=1)
+    assert ckpt.list_checkpoints(tmp_path) == [new, tmp_path / "ckpt_00000005"]
+    save(tmp_path, 4, model, optimizer, keep_last=1)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt_00000004", "ckpt_00000005"]
+
+
+def test_saving_a_step_again_never_loses_the_checkpoint(tmp_path, monkeypatch):
+    model, optimizer = model_and_optimizer()
+    target = save(tmp_path, 5, model, optimizer, {"note": "first"})
+    real_rename = os.rename
+
+    def fail_into_place(src, dst):
+        if os.fspath(dst) == os.fspath(target):
+            raise KeyboardInterrupt  # after the old copy moved aside, before the new one arrives
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", fail_into_place)
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path, 5, model, optimizer, {"note": "second"})
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert ckpt.list_checkpoints(tmp_path) == [target]
+    assert ckpt.open_checkpoint(target).meta["note"] == "first"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+    save(tmp_path, 5, model, optimizer, {"note": "second"})
+    assert ckpt.open_checkpoint(tmp_path).meta["note"] == "second"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+    # A process killed between the two renames leaves the old copy at the backup path and a
+    # stale temporary: the next save clears the temporary and puts the checkpoint back.
+    os.rename(target, atomic.backup_path(target))
+    atomic.staging_path(target).mkdir()
+    save(tmp_path, 6, model, optimizer, {"note": "third"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name, "ckpt_00000006"]
+    assert ckpt.open_checkpoint(target).meta["note"] == "second"
+    # ... and so does listing the checkpoints (for --resume or generate).
+    os.rename(target, atomic.backup_path(target))
+    assert ckpt.list_checkpoints(tmp_path) == [target, tmp_path / "ckpt_00000006"]
+
+
 def test_an_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     model, optimizer = model_and_optimizer()
     good = save(tmp_path, 1, model, optimizer)
@@ -102,6 +149,25 @@ def test_damaged_checkpoints_are_clear_errors(tmp_path, damage, message):
     damage(path)
     with pytest.raises(CheckpointError, match=message):
         ckpt.open_checkpoint(path)
+
+
+def test_a_run_directory_falls_back_past_damaged_checkpoints(tmp_path):
+    model, optimizer = model_and_optimizer()
+    first, second, third = (save(tmp_path, step, model, optimizer, keep_last=3) for step in (1, 2, 3))
+    flip_a_byte(third / "model.safetensors")
+    truncate(second / "state.pt")
+    with pytest.warns(UserWarning) as warned:
+        assert ckpt.open_checkpoint(tmp_path).path == first
+    messages = [str(w.message) for w in warned]
+    assert len(messages) == 2
+    assert f"checkpoint {third} is damaged: model.safetensors does not match its recorded sha256" in messages[0]
+    assert f"checkpoint {second} is damaged: state.pt has" in messages[1]
+    assert all(m.endswith(f"using {first}") for m in messages)
+    with pytest.raises(CheckpointError, match="ckpt_00000003 is damaged: model.safetensors"):
+        ckpt.open_checkpoint(third)  # a checkpoint named directly must verify
+    truncate(first / "model.safetensors")
+    with pytest.raises(CheckpointError, match=f"no checkpoint in {tmp_path} verifies: .*ckpt_00000003.*ckpt_00000001"):
+        ckpt.open_checkpoint(tmp_path)
 
 
 def test_weights_that_do_not_fit_the_model(tmp_path):

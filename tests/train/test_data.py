@@ -70,6 +70,48 @@ def test_bad_input_is_a_clear_error(tmp_path, name, content, message):
     assert not (tmp_path / "out" / "meta.json").exists()
 
 
+@pytest.mark.parametrize(
+    "bad_input, options, message",
+    [
+        ("binary.txt", {}, "not UTF-8"),  # found only while tokenising
+        ("empty.txt", {}, "holds no text"),
+        ("missing.txt", {}, "does not exist"),
+        ("good.txt", {"tokenizer": "no-such.tiktoken"}, "does not exist"),
+    ],
+)
+def test_failed_preparation_keeps_the_earlier_one(tmp_path, bad_input, options, message):
+    (tmp_path / "good.txt").write_text("To be, or not to be: that is the question.\n" * 40)
+    (tmp_path / "binary.txt").write_bytes(b"fine text first\n" * 100 + b"\xff\xfe")
+    (tmp_path / "empty.txt").write_text("")
+    out = tmp_path / "prepared"
+    meta = prepare([tmp_path / "good.txt"], out, val_fraction=0.1, progress=False, shard_tokens=50)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises((DataError, FileNotFoundError), match=message):
+        prepare([tmp_path / bad_input], out, progress=False, **options)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert data.read_meta(out) == meta
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["binary.txt", "empty.txt", "good.txt", "prepared"]
+
+
+def test_preparing_again_replaces_the_whole_directory(tmp_path):
+    (tmp_path / "long.txt").write_text("To be, or not to be: that is the question.\n" * 40)
+    (tmp_path / "short.txt").write_text("Brevity is the soul of wit.\n")
+    out = tmp_path / "prepared"
+    assert len(prepare([tmp_path / "long.txt"], out, val_fraction=0.1, progress=False, shard_tokens=50)["train_shards"]) > 2
+    meta = prepare([tmp_path / "short.txt"], out, val_fraction=0.1, progress=False, shard_tokens=50)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train_0000.bin", "val_0000.bin"]
+    assert data.read_meta(out) == meta and len(TokenStream(out, "train")) == meta["train_tokens"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.txt", "prepared", "short.txt"]
+
+
+def test_prepare_refuses_a_directory_holding_other_files(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "notes.txt").write_text("my notes")
+    with pytest.raises(DataError, match=r"holds files that fusedgpt prepare did not write \(notes.txt\)"):
+        prepare([tmp_path / "corpus" / "notes.txt"], tmp_path / "corpus", progress=False)
+    assert [p.name for p in (tmp_path / "corpus").iterdir()] == ["notes.txt"]
+
+
 def test_prepare_rejects_bad_options(tmp_path, corpus_text):
     (tmp_path / "a.txt").write_text("hello")
     with pytest.raises(ValueError, match="val_fraction"):
@@ -141,3 +183,8 @@ def test_prepare_command(tmp_path, capsys):
     assert data.is_prepared(tmp_path / "out")
     assert main(["prepare", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{oops\n')
+    meta = data.read_meta(tmp_path / "out")
+    assert main(["prepare", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "out")]) == 2
+    assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
+    assert data.read_meta(tmp_path / "out") == meta and len(TokenStream(tmp_path / "out", "train")) == meta["train_tokens"]

@@ -49,5 +49,6 @@ def test_two_gloo_processes_match_one_process_with_double_accumulation(corpus_di
         torch.testing.assert_close(ddp_weights[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
     # The checkpoint holds whole tensors, so one process can carry the run on.
-    resumed = Trainer(resolve_config({"out": str(out), "resume": True, "fsdp": False, "max_steps": STEPS + 1})).run()
+    cfg, checkpoint = resolve_config({"out": str(out), "resume": True, "fsdp": False, "max_steps": STEPS + 1})
+    resumed = Trainer(cfg, resume_from=checkpoint).run()
     assert resumed.step == STEPS + 1 and all(map(math.isfinite, resumed.train_losses))

@@ -142,6 +142,9 @@ THREE = "text,label\nx,a\ny,b\nz,a\n"
         ({"train.csv": THREE, "val.csv": THREE}, ["--val", "val.csv", "--test-fraction", "0"], "no test examples"),
         ({"train.csv": THREE}, ["--lora-rank", "2", "--train", "all"], "exclude each other"),
         ({"train.csv": THREE}, ["--merge"], "needs --lora-rank"),
+        ({"train.csv": THREE}, ["--max-length", "0"], "--max-length must be a positive number of tokens, got 0"),
+        ({"train.csv": "text,label\n" + "w,a\nv,b\n" * 10}, ["--max-length", "129"],
+         r"--max-length must be in \[1, 128\] \(the model's context length\), got 129"),
     ],
 )
 def test_bad_input_gives_a_clear_error(tmp_path, capsys, files, extra, message):

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from fusedgpt.cli import build_parser, main
-from fusedgpt.model.config import GPTConfig
+from fusedgpt.model.config import PRESETS, GPTConfig
 from fusedgpt.model.gpt import GPT
 from fusedgpt.train import checkpoint as ckpt
 from fusedgpt.train.trainer import (
@@ -63,9 +63,10 @@ def test_ctrl_c_then_resume_is_bitwise_the_uninterrupted_run(corpus_dir, tmp_pat
     assert first.status == "interrupted" and first.step == 10
     assert [p.name for p in ckpt.list_checkpoints(split_out)] == ["ckpt_00000010"]
     # Everything else comes from the checkpoint's stored configuration.
-    resumed_cfg = resolve_config({"out": str(split_out), "resume": True})
+    resumed_cfg, checkpoint = resolve_config({"out": str(split_out), "resume": True})
     assert resumed_cfg == dataclasses.replace(cfg, out=str(split_out), save_every=0, resume=True)
-    second = Trainer(resumed_cfg).run()
+    assert checkpoint.path == split_out / "ckpt_00000010"
+    second = Trainer(resumed_cfg, resume_from=checkpoint).run()
 
     assert first.train_losses + second.train_losses == straight.train_losses  # bitwise
     final, split_final = weights(tmp_path / "straight" / "ckpt_00000020"), weights(split_out / "ckpt_00000020")
@@ -106,18 +107,73 @@ def test_config_precedence_defaults_toml_flags(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('lr = 0.5\nbatch_size = 3\n[model]\nn_layer = 3\nn_embd = 64\n')
     args = build_parser().parse_args(["train", "--config", str(toml), "--lr", "0.1", "--n-embd", "48", "--no-progress"])
-    cfg = config_from_args(args)
-    assert (cfg.lr, cfg.batch_size, cfg.progress) == (0.1, 3, False)
+    cfg, resume_from = config_from_args(args)
+    assert (cfg.lr, cfg.batch_size, cfg.progress) == (0.1, 3, False) and resume_from is None
     assert cfg.model == {**DEFAULT_JOB_MODEL, "n_layer": 3, "n_embd": 48}
     assert cfg.max_steps == TrainConfig().max_steps
     # Naming a preset means that preset: the embedded job's model changes no longer apply.
-    assert resolve_config({"preset": "tiny", "model.n_layer": 1}).model == {"n_layer": 1}
-    assert resolve_config({}).model == DEFAULT_JOB_MODEL
+    assert resolve_config({"preset": "tiny", "model.n_layer": 1})[0].model == {"n_layer": 1}
+    assert resolve_config({})[0].model == DEFAULT_JOB_MODEL
     toml.write_text("learning_rate = 1\n")
     with pytest.raises(ValueError, match="unknown training options \\['learning_rate'\\]"):
         resolve_config({}, str(toml))
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         resolve_config({"batch_size": 0})
+
+
+def test_a_named_preset_trains_at_its_own_context_length(corpus_dir, tmp_path):
+    """A named preset trains at its own context; the embedded job keeps its 128 tokens."""
+    flags = {"data": str(corpus_dir), "progress": False}
+    small, _ = resolve_config({**flags, "out": str(tmp_path / "small"), "preset": "small", "model.n_layer": 1,
+                               "model.n_embd": 32, "model.n_head": 2})
+    assert small.context_length is None
+    assert Trainer(small).context_length == PRESETS["small"]["context_length"] == 256
+    embedded, _ = resolve_config({**flags, "out": str(tmp_path / "embedded")})
+    assert Trainer(embedded).context_length == 128
+    assert Trainer(dataclasses.replace(small, out=str(tmp_path / "flag"), context_length=32)).context_length == 32
+
+
+@pytest.fixture
+def two_step_run(corpus_dir, tmp_path):
+    """A finished run of 2 steps (checkpoints at steps 1 and 2) to resume."""
+    out = tmp_path / "run"
+    Trainer(tiny_config(corpus_dir, out, max_steps=2, save_every=1, sample_tokens=0)).run()
+    return out
+
+
+def test_resume_refuses_a_changed_model(two_step_run, capsys):
+    cfg, checkpoint = resolve_config({"out": str(two_step_run), "resume": True, "max_steps": 3,
+                                      "model.n_layer": 3, "context_length": 32})
+    with pytest.raises(ValueError, match=r"context_length 32 \(the checkpoint has 16\); n_layer 3 \(the checkpoint has 2\)"):
+        Trainer(cfg, resume_from=checkpoint)
+    assert main(["train", "--out", str(two_step_run), "--resume", "--max-steps", "3", "--n-embd", "64",
+                 "--no-progress"]) == 2
+    assert "n_embd 64 (the checkpoint has 32)" in capsys.readouterr().err
+    assert ckpt.latest_checkpoint(two_step_run).name == "ckpt_00000002"  # nothing ran, nothing recorded
+
+
+def test_resume_verifies_the_checkpoint_once(two_step_run, monkeypatch):
+    hashed = []
+    real_sha256 = ckpt._sha256
+    monkeypatch.setattr(ckpt, "_sha256", lambda path: hashed.append(path) or real_sha256(path))
+    assert main(["train", "--out", str(two_step_run), "--resume", "--max-steps", "3", "--no-progress"]) == 0
+    resumed = two_step_run / "ckpt_00000002"
+    assert sorted(p.name for p in hashed if p.parent == resumed) == ["model.safetensors", "state.pt"]
+
+
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(two_step_run, capsys):
+    newest = two_step_run / "ckpt_00000002"
+    expected = {name: t.clone() for name, t in weights(newest).items()}  # copies: the file is memory-mapped
+    data = (newest / "model.safetensors").read_bytes()
+    (newest / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert main(["train", "--out", str(two_step_run), "--resume", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert f"warning: skipping a newer checkpoint: checkpoint {newest} is damaged: model.safetensors" in captured.err
+    assert "resuming at step 1" in captured.out
+    # Step 2 ran again from step 1 and replaced the damaged checkpoint with the same weights.
+    assert ckpt.open_checkpoint(two_step_run).path == newest
+    resaved = weights(newest)
+    assert all(torch.equal(resaved[k], expected[k]) for k in expected)
 
 
 def test_lr_warmup_then_cosine_to_min_lr():
