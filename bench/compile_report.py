@@ -13,6 +13,7 @@ from collections import defaultdict
 from typing import Optional
 
 from bench import common
+from fusedgpt.kernels.backend import interpreter_on
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -38,7 +39,7 @@ def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compile_report", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join("docs", "compile-report.md"))
     args = parser.parse_args(argv)
-    if common.interpreter_on():
+    if interpreter_on():
         raise SystemExit("run without TRITON_INTERPRET: the report compiles the real kernels")
 
     from fusedgpt.kernels import inspect as report

@@ -6,8 +6,8 @@ environment variable when the argument is ``None``):
 
 - ``"auto"`` (default): Triton for CUDA tensors, and for CPU tensors when the Triton
   interpreter is on (``TRITON_INTERPRET`` set to 1, true, on or yes before Triton was
-  imported); the reference
-  for anything else and for whatever the kernel says it does not support.
+  imported); the reference for anything else and for whatever the kernel says it does not
+  support.
 - ``"triton"``: the kernel, or a :class:`BackendUnavailableError` that says why it cannot
   run. It never falls back silently.
 - ``"torch"``: the reference.

@@ -2,7 +2,8 @@
 a crash at any moment leaves one whole copy, old or new, under the directory's name.
 
 The new directory is assembled at :func:`staging_path` (a hidden sibling, so it is on the
-same file system and the renames below are atomic). :func:`swap_in` then renames the old
+same file system and the renames below are atomic), most simply inside
+:func:`replacing`. :func:`swap_in` then renames the old
 directory to :func:`backup_path`, the new one into place, and only then deletes the old
 one. Two renames cannot be one step, so a process killed between them leaves the old copy
 at the backup path and nothing at the target: :func:`recover` puts it back, and every reader
@@ -12,9 +13,11 @@ writer) may be deleted freely; backups never are while the target is missing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 STAGING_SUFFIX = ".tmp"
 BACKUP_SUFFIX = ".replaced"
@@ -80,3 +83,18 @@ def swap_in(staged: Path, target: Path) -> None:
     fsync(target.parent)
     if replacing:
         shutil.rmtree(backup_path(target))
+
+
+@contextlib.contextmanager
+def replacing(target: Path) -> Iterator[Path]:
+    """An empty staging directory to write ``target``'s new contents into; on a clean exit it
+    is swapped in (:func:`swap_in`), on an error deleted, leaving ``target`` as it was."""
+    staging = staging_path(target)
+    shutil.rmtree(staging, ignore_errors=True)  # left by a writer that was killed
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        swap_in(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

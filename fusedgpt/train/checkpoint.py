@@ -131,9 +131,7 @@ def save_checkpoint(
     for stale in out.glob(".ckpt_*" + atomic.STAGING_SUFFIX):
         shutil.rmtree(stale, ignore_errors=True)  # left by a save that was killed
     final = out / checkpoint_name(step)
-    tmp = atomic.staging_path(final)
-    tmp.mkdir()
-    try:
+    with atomic.replacing(final) as tmp:
         save_file({name: t.detach().contiguous().cpu() for name, t in weights.items()}, str(tmp / WEIGHTS_FILE))
         torch.save({"optimizer": optimizer_state, "rng": rng_state()}, tmp / STATE_FILE)
         files = {}
@@ -143,10 +141,6 @@ def save_checkpoint(
         record = {"format": FORMAT, "version": VERSION, **meta, "step": step, "files": files}
         (tmp / META_FILE).write_text(json.dumps(record, indent=2) + "\n")
         atomic.fsync(tmp / META_FILE)
-        atomic.swap_in(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     kept = [p for p in existing if _step_of(p) < step] + [final]
     for old in kept[:-keep_last]:
         shutil.rmtree(old)

@@ -35,7 +35,6 @@ import collections
 import json
 import os
 import re
-import shutil
 import struct
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -349,16 +348,9 @@ def prepare(
     out = Path(out).absolute()
     _check_replaceable(out)
 
-    staging = atomic.staging_path(out)
-    shutil.rmtree(staging, ignore_errors=True)  # left by a preparation that was killed
-    staging.mkdir(parents=True)
-    try:
+    with atomic.replacing(out) as staging:
         meta = _write_prepared(files, total_bytes, staging, encoding, tokenizer, val_fraction, workers, shard_tokens,
                                progress, chunk_chars)
-        atomic.swap_in(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return meta
 
 
