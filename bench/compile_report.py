@@ -42,7 +42,7 @@ def main(argv: Optional[list] = None) -> int:
     if interpreter_on():
         raise SystemExit("run without TRITON_INTERPRET: the report compiles the real kernels")
 
-    from fusedgpt.kernels import inspect as report
+    from fusedgpt.kernels import compile_report as report
 
     rows = report.report()
     problems = report.problems(rows)

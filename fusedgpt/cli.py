@@ -26,7 +26,7 @@ COMMANDS = (
 )
 KERNEL_COMMANDS = (
     ("inspect", "ahead-of-time compile report for sm_80/sm_90 (registers, spills, shared memory, MMA)",
-     "fusedgpt.kernels.inspect", "add_arguments", "run"),
+     "fusedgpt.kernels.compile_report", "add_arguments", "run"),
 )
 
 

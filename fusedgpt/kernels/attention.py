@@ -772,7 +772,7 @@ def _aot_signature(kernel, dtype: torch.dtype) -> tuple[dict, tuple]:
     parameter a pointer (LSE and DELTA fp32, the rest the activation dtype) — and the ones
     marked 16-divisible: pointers, strides and the sizes, as for training shapes (T and D
     multiples of 16)."""
-    from fusedgpt.kernels.inspect import pointer
+    from fusedgpt.kernels.compile_report import pointer
 
     floats = ("qk_scale", "softmax_scale", "dropout_p")
     ints = ("H", "Tq", "Tk", "D", "seed", "q_bucket", "k_bucket")
@@ -799,7 +799,7 @@ def aot_variants(dtype: torch.dtype) -> list:
     each autotune config of the forward, dK/dV and dQ kernels and the delta preprocess, for
     every head-dim block (64, 128), in their heaviest specialisation (causal, with
     dropout)."""
-    from fusedgpt.kernels.inspect import KernelVariant
+    from fusedgpt.kernels.compile_report import KernelVariant
 
     dtype_name = str(dtype).removeprefix("torch.")
     kernels = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}

@@ -414,7 +414,7 @@ def cross_entropy(
 def aot_variants(dtype: torch.dtype) -> list:
     """Every (mode, block config) the launchers can pick for logits of ``dtype``: forward
     only, backward only, and both in one launch (the in-place mode of linear_cross_entropy)."""
-    from fusedgpt.kernels.inspect import KernelVariant, pointer
+    from fusedgpt.kernels.compile_report import KernelVariant, pointer
 
     act, f32 = pointer(dtype), pointer(torch.float32)
     signature = dict(X=act, DX=act, TARGET="*i64", LOSS=f32, NLL=f32, GRAD=f32,

@@ -449,7 +449,7 @@ def aot_variants(dtype: torch.dtype) -> list:
     """Every (kernel, config) the launchers can pick for activations of ``dtype``, with all
     optional features on (residual, bias, incoming residual gradient): the heaviest
     specialisation of each config. Weights are taken as fp32 (master weights)."""
-    from fusedgpt.kernels.inspect import KernelVariant, pointer
+    from fusedgpt.kernels.compile_report import KernelVariant, pointer
 
     act, f32 = pointer(dtype), pointer(torch.float32)
     found = []

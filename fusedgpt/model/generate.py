@@ -20,7 +20,8 @@ from typing import Iterator, Optional, Union
 import torch
 
 from fusedgpt.hardware import DEVICE_HELP, choose_kernels, resolve_device
-from fusedgpt.model.config import KERNEL_CHOICES
+from fusedgpt.io.checkpoint import open_checkpoint
+from fusedgpt.model.config import KERNEL_CHOICES, GPTConfig
 from fusedgpt.model.gpt import GPT, KVCache
 
 Tensor = torch.Tensor
@@ -239,10 +240,8 @@ def load_for_generation(checkpoint: Union[str, os.PathLike], *, kernels: str = "
     """
     path = Path(checkpoint)
     if path.is_dir() and not (path / "config.json").is_file():
-        from fusedgpt.train.checkpoint import open_checkpoint
-
         trained = open_checkpoint(path)
-        model = GPT(trained.model_config(kernels))
+        model = GPT(trained.model_config(GPTConfig, kernels))
         trained.load_weights(model)
         return model.eval(), trained.meta.get("tokenizer")
     return GPT.from_pretrained(checkpoint, kernels=kernels), None

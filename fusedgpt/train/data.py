@@ -12,7 +12,7 @@ token (uint32, always 2), token count (uint64), zero padding -- followed by the 
 little-endian uint16. Documents (a text file, or one JSONL record) are separated by the
 tokenizer's ``<|endoftext|>`` token. ``meta.json`` is written last, so a directory without
 it is an unfinished preparation. The directory is assembled beside its target and renamed into
-place (:mod:`fusedgpt.train.atomic`), so preparing again replaces an earlier preparation only
+place (:mod:`fusedgpt.io.atomic`), so preparing again replaces an earlier preparation only
 once the new one is complete: bad input leaves the earlier one as it was.
 
 Tokenisation is exact under chunking: long texts are cut only where a newline is followed by
@@ -44,7 +44,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from fusedgpt.train import atomic
+from fusedgpt.io import atomic
 
 MAGIC = b"FUSEDGPT"
 VERSION = 1

@@ -9,7 +9,7 @@ Training reuses the pretraining loop's pieces (``fusedgpt.train.trainer``): Adam
 weight decay on matrices only, over the parameters that train; a linear warmup and a cosine
 decay to a tenth of the peak rate over all fine-tuning steps; gradient clipping. The result
 is an ordinary training checkpoint (``OUT/ckpt_NNNNNNNN/``, written atomically by
-``fusedgpt.train.checkpoint``) whose ``meta.json`` also records the task (``classify`` or
+``fusedgpt.io.checkpoint``) whose ``meta.json`` also records the task (``classify`` or
 ``instruct``), the tokenizer and, for unmerged adapters, the LoRA configuration.
 """
 
@@ -30,7 +30,7 @@ import torch
 from fusedgpt.hardware import DEVICE_HELP, autocast, choose_kernels, resolve_device
 from fusedgpt.model.config import KERNEL_CHOICES, PRESETS, GPTConfig
 from fusedgpt.model.gpt import GPT
-from fusedgpt.train import checkpoint as ckpt
+from fusedgpt.io import checkpoint as ckpt
 from fusedgpt.train.lora import GROUPS, LAYERS, LoRAConfig, apply_lora, parameter_counts
 from fusedgpt.train.trainer import TrainConfig, TrainingDiverged, lr_at, make_optimizer
 
@@ -212,7 +212,7 @@ def open_finetuned(path: PathLike, task: str, *, kernels: str) -> tuple[ckpt.Che
     if found != task:
         what = f"a fine-tuning checkpoint of task {found!r}" if found else "a pretraining checkpoint"
         raise ckpt.CheckpointError(f"{checkpoint.path} is {what}, not of task {task!r}")
-    model = GPT(checkpoint.model_config(kernels))
+    model = GPT(checkpoint.model_config(GPTConfig, kernels))
     if checkpoint.meta.get("lora"):
         apply_lora(model, LoRAConfig.from_dict(checkpoint.meta["lora"]))
     return checkpoint, model.eval()

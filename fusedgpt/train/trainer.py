@@ -34,7 +34,7 @@ import torch
 from fusedgpt.hardware import autocast, bf16_peak_flops, choose_kernels
 from fusedgpt.model.config import KERNEL_CHOICES, PRESETS, GPTConfig
 from fusedgpt.model.gpt import GPT
-from fusedgpt.train import checkpoint as ckpt
+from fusedgpt.io import checkpoint as ckpt
 from fusedgpt.train import data as data_mod
 from fusedgpt.train import distributed
 
@@ -178,7 +178,7 @@ def check_resumable(requested: GPTConfig, checkpoint: ckpt.Checkpoint) -> None:
     Raises:
         ValueError: naming every setting in which ``requested`` differs from the checkpoint's model.
     """
-    stored = checkpoint.model_config(requested.kernels)
+    stored = checkpoint.model_config(GPTConfig, requested.kernels)
     differences = [
         f"{field.name} {getattr(requested, field.name)!r} (the checkpoint has {getattr(stored, field.name)!r})"
         for field in dataclasses.fields(GPTConfig)

@@ -303,13 +303,13 @@ def test_head_dim_blocks():
 
 @pytest.fixture(scope="module")
 def report_rows():
-    from tests.kernels.test_inspect import run_report
+    from tests.kernels.test_compile_report import run_report
 
     return run_report("attention")
 
 
 def test_compile_report_covers_every_config(report_rows):
-    from fusedgpt.kernels.inspect import DTYPES
+    from fusedgpt.kernels.compile_report import DTYPES
 
     expected = {
         (v.kernel.__name__, str(v.config), arch)
@@ -322,7 +322,7 @@ def test_compile_report_covers_every_config(report_rows):
 
 
 def test_compile_report_is_healthy_with_tensor_cores(report_rows):
-    from fusedgpt.kernels.inspect import problems
+    from fusedgpt.kernels.compile_report import problems
 
     assert problems(report_rows) == []
     for row in report_rows:

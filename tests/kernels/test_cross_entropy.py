@@ -323,7 +323,7 @@ def test_bad_input(call, error, words, monkeypatch):
 
 
 def test_compile_report_every_config_healthy():
-    from tests.kernels.test_inspect import run_report
+    from tests.kernels.test_compile_report import run_report
 
     rows = run_report("cross_entropy")
     modes = ((True, False), (False, True), (True, True))

@@ -162,7 +162,7 @@ def test_command_line_rejects_an_unknown_device(tmp_path, capsys):
 
 def test_command_line_skips_a_damaged_newest_checkpoint_of_a_run(tmp_path, capsys):
     from fusedgpt.cli import main
-    from fusedgpt.train.checkpoint import save_checkpoint
+    from fusedgpt.io.checkpoint import save_checkpoint
 
     config = GPTConfig(vocab_size=50257, context_length=16, n_layer=1, n_head=2, n_embd=16, kernels="torch")
     for step in (1, 2):
@@ -183,7 +183,7 @@ def test_command_line_skips_a_damaged_newest_checkpoint_of_a_run(tmp_path, capsy
 def test_command_line_streams_the_greedy_continuation(kind, tmp_path, capsys):
     from fusedgpt.cli import main
     from fusedgpt.model.tokenizer import get_tokenizer
-    from fusedgpt.train.checkpoint import save_checkpoint
+    from fusedgpt.io.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     tokenizer = get_tokenizer("gpt2")

@@ -11,9 +11,9 @@ import torch
 from fusedgpt.cli import main
 from fusedgpt.model.config import GPTConfig
 from fusedgpt.model.gpt import GPT
-from fusedgpt.train import atomic
-from fusedgpt.train import checkpoint as ckpt
-from fusedgpt.train.checkpoint import CheckpointError
+from fusedgpt.io import atomic
+from fusedgpt.io import checkpoint as ckpt
+from fusedgpt.io.checkpoint import CheckpointError
 
 
 def save(out, step, model, optimizer, meta=None, **kwargs):

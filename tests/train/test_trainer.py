@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from fusedgpt.cli import build_parser, main
 from fusedgpt.model.config import PRESETS, GPTConfig
 from fusedgpt.model.gpt import GPT
-from fusedgpt.train import checkpoint as ckpt
+from fusedgpt.io import checkpoint as ckpt
 from fusedgpt.train.trainer import (
     DEFAULT_JOB_MODEL,
     TrainConfig,

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fusedgpt.kernels import inspect as report
+from fusedgpt.kernels import compile_report as report
 
 ALL_DTYPES = {"float32", "float16", "bfloat16"}
 ARCHS = {"sm_80", "sm_90"}

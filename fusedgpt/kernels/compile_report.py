@@ -252,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         argv = ["--arch", args.arch] + (["--op", args.op] if args.op else []) + (["--json"] if args.json else [])
         argv += ["--workers", str(args.workers)] if args.workers else []
-        return subprocess.call([sys.executable, "-m", "fusedgpt.kernels.inspect", *argv], env=env)
+        return subprocess.call([sys.executable, "-m", "fusedgpt.kernels.compile_report", *argv], env=env)
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     ops = [o.strip() for o in args.op.split(",")] if args.op else None
     rows = report(archs, ops, args.workers)

@@ -11,7 +11,7 @@ A checkpoint is a directory ``OUT/ckpt_{step:08d}/`` holding
   sha256 of the two files above.
 
 It is assembled in a hidden temporary directory and renamed into place (see
-:mod:`fusedgpt.train.atomic`, which also makes saving the same step again safe), so a save
+:mod:`fusedgpt.io.atomic`, which also makes saving the same step again safe), so a save
 that is interrupted leaves the previous checkpoints untouched, and any ``ckpt_*`` directory
 is complete. Loading checks every file against ``meta.json`` first, so a truncated or
 damaged checkpoint is a :class:`CheckpointError` naming the file, not an error from deep
@@ -29,12 +29,11 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, TypeVar, Union
 
 import torch
 
-from fusedgpt.model.config import GPTConfig
-from fusedgpt.train import atomic
+from fusedgpt.io import atomic
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
@@ -44,6 +43,7 @@ VERSION = 1
 _NAME = re.compile(r"^ckpt_(\d+)$")
 
 PathLike = Union[str, os.PathLike]
+ConfigT = TypeVar("ConfigT")
 
 
 class CheckpointError(ValueError):
@@ -159,13 +159,14 @@ class Checkpoint:
     def step(self) -> int:
         return int(self.meta["step"])
 
-    def model_config(self, kernels: str) -> GPTConfig:
-        """The stored model's configuration, to run on ``kernels``."""
+    def model_config(self, config_class: type[ConfigT], kernels: str) -> ConfigT:
+        """The stored model's configuration as ``config_class`` (which has ``from_dict``),
+        to run on ``kernels``."""
         stored = self.meta.get("model")
         if not isinstance(stored, dict):
             raise CheckpointError(f"checkpoint {self.path} records no model configuration")
         try:
-            return GPTConfig.from_dict({**stored, "kernels": kernels})
+            return config_class.from_dict({**stored, "kernels": kernels})
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {self.path} records an invalid model configuration: {exc}") from exc
 
