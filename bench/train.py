@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from bench import common
+from fusedgpt.cli import HelpFormatter
 from fusedgpt.hardware import autocast, bf16_peak_flops, resolve_device
 
 
@@ -48,13 +49,14 @@ def _step_seconds(model: torch.nn.Module, batches: list, device: torch.device) -
 
 
 def main(argv: Optional[list] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--preset", default=None, help="model preset (default: gpt2 on CUDA, small on CPU)")
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--context", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None, help="windows per step (default: 8 on CUDA, 4 on CPU)")
+    parser.add_argument("--context", type=int, default=None, help="tokens per window (default: the preset's)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per provider (plus one warm-up)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (CPU noise)")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="results directory (default: bench/results/<device>-<date>)")
     args = parser.parse_args(argv)
 
     from bench.plain_gpt import PlainGPT

@@ -8,6 +8,9 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
+from fusedgpt.kernels.backend import BackendUnavailableError
+from fusedgpt.train.trainer import TrainingDiverged
+
 
 # (name, help, module, its function that adds the arguments, its function that runs)
 COMMANDS = (
@@ -30,9 +33,29 @@ KERNEL_COMMANDS = (
 )
 
 
+# What the commands raise on purpose, with a message written for the user: bad options and
+# input (ValueError, and the project's errors derived from it: CheckpointError, DataError,
+# FinetuneDataError, TokenizerFileError), files that cannot be read or written (OSError), a
+# diverged run, and --kernels triton where the kernels cannot run. Anything else is a bug,
+# and its traceback is kept.
+USER_ERRORS = (ValueError, OSError, TrainingDiverged, BackendUnavailableError)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless the help says it in words
+    (``default: ...``) or there is nothing to show (a flag, a required option, a positional)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.required
+                or action.default in (None, argparse.SUPPRESS) or action.nargs == 0):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def _register(subcommands, name: str, help: str, module_name: str, add_arguments: str, run: str) -> None:
     module = importlib.import_module(module_name)
-    command = subcommands.add_parser(name, help=help)
+    command = subcommands.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
     getattr(module, add_arguments)(command)
     command.set_defaults(handler=getattr(module, run))
 
@@ -60,7 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         warnings.showwarning = show_warning
         try:
             return int(args.handler(args) or 0)
-        except (ValueError, TypeError, RuntimeError, OSError) as exc:
+        except USER_ERRORS as exc:
             print(f"fusedgpt {args.command}: error: {exc}", file=sys.stderr)
             return 2
 

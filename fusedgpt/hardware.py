@@ -1,15 +1,19 @@
 """The machine the model runs on: which device a ``--device`` choice means, the kernels and
-autocast that suit it, and the peak throughput of the GPUs that MFU and %-of-peak figures
-are measured against."""
+autocast that suit it, the ``--device`` and ``--kernels`` options every command that runs a
+model takes, and the peak throughput of the GPUs that MFU and %-of-peak figures are
+measured against."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 from typing import ContextManager, NamedTuple, Optional
 
 import torch
 
-DEVICE_HELP = "auto|cpu|cuda|cuda:N (auto: CUDA when available)"
+from fusedgpt.kernels.backend import BACKENDS
+
+DEVICE_NAMES = "auto|cpu|cuda|cuda:N"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -17,7 +21,7 @@ def resolve_device(name: str) -> torch.device:
     else is a torch device name, and a CUDA one must be usable here.
 
     Raises:
-        ValueError: not a device name, or CUDA asked for where there is none.
+        ValueError: not a device name, or a CUDA device this machine does not have.
     """
     if not isinstance(name, str):
         raise TypeError(f"device must be a string such as 'auto', 'cpu' or 'cuda', got {type(name).__name__}")
@@ -26,10 +30,40 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise ValueError(f"device must be {DEVICE_HELP}, got {name!r}") from exc
+        raise ValueError(f"device must be {DEVICE_NAMES}, got {name!r}") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} was asked for but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return device
+
+
+def device_name(text: str) -> str:
+    """``--device``'s argparse type: ``text`` when it names a device (whether this machine
+    has it is checked when the command runs, by :func:`resolve_device`)."""
+    if text != "auto":
+        try:
+            torch.device(text)
+        except RuntimeError:
+            raise argparse.ArgumentTypeError(f"expected {DEVICE_NAMES}, got {text!r}") from None
+    return text
+
+
+def add_device_arguments(parser: argparse.ArgumentParser, *, keep_unset: bool = False) -> None:
+    """Add ``--device`` (default ``"auto"``) and ``--kernels`` (default None: see
+    :func:`choose_kernels`) to a command's parser.
+
+    Args:
+        keep_unset: leave an option that was not typed out of the namespace
+            (``argparse.SUPPRESS``), for a command whose defaults come from elsewhere too
+            (``fusedgpt train``: its configuration file and the run it resumes).
+    """
+    group = parser.add_argument_group("device")
+    group.add_argument("--device", type=device_name, default=argparse.SUPPRESS if keep_unset else "auto",
+                       help=f"{DEVICE_NAMES} (default: auto, which is CUDA when available)")
+    group.add_argument("--kernels", choices=BACKENDS, default=argparse.SUPPRESS if keep_unset else None,
+                       help="auto|triton|torch (default: auto on CUDA, torch on CPU)")
 
 
 def choose_kernels(device: torch.device, requested: Optional[str] = None) -> str:

@@ -19,9 +19,9 @@ from typing import Iterator, Optional, Union
 
 import torch
 
-from fusedgpt.hardware import DEVICE_HELP, choose_kernels, resolve_device
+from fusedgpt.hardware import add_device_arguments, choose_kernels, resolve_device
 from fusedgpt.io.checkpoint import open_checkpoint
-from fusedgpt.model.config import KERNEL_CHOICES, GPTConfig
+from fusedgpt.model.config import GPTConfig
 from fusedgpt.model.gpt import GPT, KVCache
 
 Tensor = torch.Tensor
@@ -189,17 +189,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="a training checkpoint (or run directory: its newest checkpoint), a Hugging Face "
                              "GPT-2 directory (e.g. from save_pretrained), or gpt2 / gpt2-medium / gpt2-large / gpt2-xl")
-    parser.add_argument("--prompt", default="", help="text to continue (empty: start from <|endoftext|>)")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--prompt", default="", help="text to continue (default: empty, start from <|endoftext|>)")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the K likeliest tokens (default: all)")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="sample from the likeliest tokens holding probability P (default: all)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed for reproducible sampling (default: none, a new draw each run)")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer name or ranks file (default: the one the checkpoint was trained with, else gpt2)")
-    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
-    parser.add_argument("--kernels", choices=KERNEL_CHOICES, default=None,
-                        help="auto|triton|torch (default: auto on CUDA, torch on CPU)")
+    add_device_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -35,18 +35,23 @@ def setup(device: str = "auto") -> DistContext:
     """Join torchrun's process group when ``WORLD_SIZE > 1`` (NCCL for CUDA, gloo for CPU).
 
     Args:
-        device: ``"auto"`` (CUDA when available, each rank on ``cuda:LOCAL_RANK``),
-            ``"cpu"`` or ``"cuda"``.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+            Under torchrun each rank takes ``cuda:LOCAL_RANK``, so a device index is only
+            accepted in a single process.
+
+    Raises:
+        ValueError: not a device name, a device this machine lacks, or an index under torchrun.
     """
-    if device not in ("auto", "cpu", "cuda"):  # no index: every rank takes its own GPU
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    use_cuda = resolve_device(device).type == "cuda"
+    chosen = resolve_device(device)
+    use_cuda = chosen.type == "cuda"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda and world_size > 1 and chosen.index is not None:
+        raise ValueError(f"--device {device}: under torchrun every process takes cuda:LOCAL_RANK; use --device cuda")
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        target = torch.device("cuda", local_rank)
+        target = chosen if chosen.index is not None else torch.device("cuda", local_rank)
+        torch.cuda.set_device(target)
     else:
         target = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():

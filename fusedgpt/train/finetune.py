@@ -27,8 +27,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from fusedgpt.hardware import DEVICE_HELP, autocast, choose_kernels, resolve_device
-from fusedgpt.model.config import KERNEL_CHOICES, PRESETS, GPTConfig
+from fusedgpt.hardware import add_device_arguments, autocast, choose_kernels, resolve_device
+from fusedgpt.model.config import PRESETS, GPTConfig
 from fusedgpt.model.gpt import GPT
 from fusedgpt.io import checkpoint as ckpt
 from fusedgpt.train.lora import GROUPS, LAYERS, LoRAConfig, apply_lora, parameter_counts
@@ -232,19 +232,17 @@ def add_arguments(parser: argparse.ArgumentParser, *, out: str, epochs: int, bat
                        help="tokenizer name or ranks file (default: the checkpoint's, else gpt2)")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--out", default=out, help="output directory (checkpoint, metrics, data)")
-    opt.add_argument("--epochs", type=int, default=epochs)
-    opt.add_argument("--batch-size", type=int, default=batch_size)
+    opt.add_argument("--epochs", type=int, default=epochs, help="passes over the training examples")
+    opt.add_argument("--batch-size", type=int, default=batch_size, help="examples per optimizer step")
     opt.add_argument("--lr", type=float, default=lr, help="peak learning rate (warmup, then cosine to lr/10)")
     opt.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
-    opt.add_argument("--warmup-steps", type=int, default=10)
+    opt.add_argument("--warmup-steps", type=int, default=10, help="linear warmup steps")
     opt.add_argument("--grad-clip", type=float, default=1.0, help="0: no clipping")
     opt.add_argument("--seed", type=int, default=0, help="seed for the head/adapters, batch order and splits")
-    opt.add_argument("--device", default="auto", help=DEVICE_HELP)
-    opt.add_argument("--kernels", choices=KERNEL_CHOICES, default=None,
-                     help="auto|triton|torch (default: auto on CUDA, torch on CPU)")
     opt.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_device_arguments(parser)
     lora = parser.add_argument_group("LoRA (low-rank adapters; the base weights stay frozen)")
-    lora.add_argument("--lora-rank", type=int, default=None, help="adapter rank r; enables LoRA")
+    lora.add_argument("--lora-rank", type=int, default=None, help="adapter rank r; enables LoRA (default: none, no LoRA)")
     lora.add_argument("--lora-alpha", type=float, default=None, help="adapter scale alpha (update * alpha/r); default r")
     lora.add_argument("--lora-targets", default="attn,mlp",
                       help=f"comma-separated layers of every block: {', '.join((*GROUPS, *LAYERS))}")

@@ -29,9 +29,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from fusedgpt.hardware import DEVICE_HELP, autocast, choose_kernels, resolve_device
+from fusedgpt.hardware import add_device_arguments, autocast, choose_kernels, resolve_device
 from fusedgpt.kernels import cross_entropy
-from fusedgpt.model.config import KERNEL_CHOICES
 from fusedgpt.model.gpt import GPT
 from fusedgpt.train import finetune
 from fusedgpt.train import finetune_data as fdata
@@ -336,13 +335,13 @@ def run(args: argparse.Namespace) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data (default: the bundled comedy/history/tragedy speeches)")
-    data.add_argument("--data", default=None, help="training examples: .csv, .tsv, .jsonl or .json")
+    data.add_argument("--data", default=None, help="training examples: .csv, .tsv, .jsonl or .json (default: bundled)")
     data.add_argument("--val", default=None, help="validation examples (default: split off --data)")
     data.add_argument("--test", default=None, help="test examples (default: split off --data)")
     data.add_argument("--val-fraction", type=float, default=0.1, help="share of --data held out for validation")
     data.add_argument("--test-fraction", type=float, default=0.1, help="share of --data held out for testing")
-    data.add_argument("--text-column", default="text")
-    data.add_argument("--label-column", default="label")
+    data.add_argument("--text-column", default="text", help="column (or JSON field) of the texts")
+    data.add_argument("--label-column", default="label", help="column (or JSON field) of the labels")
     data.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the context length)")
     parser.add_argument("--train", choices=TRAIN_MODES, default=None,
                         help="what trains besides the new head (default: last-k-blocks; not with LoRA)")
@@ -356,9 +355,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="the --out directory of fusedgpt finetune-classify")
     parser.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify")
-    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
-    parser.add_argument("--kernels", choices=KERNEL_CHOICES, default=None,
-                        help="default: auto on CUDA, torch on CPU")
+    add_device_arguments(parser)
 
 
 def run_predict(args: argparse.Namespace) -> int:

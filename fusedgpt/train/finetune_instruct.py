@@ -263,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data (default: the bundled Shakespeare instruction set)")
-    data.add_argument("--data", default=None, help="Alpaca-style .json or .jsonl (instruction, input, output)")
+    data.add_argument("--data", default=None, help="Alpaca-style .json or .jsonl (instruction, input, output; default: bundled)")
     data.add_argument("--val", default=None, help="held-out examples (default: split off --data)")
     data.add_argument("--val-fraction", type=float, default=0.1, help="share of --data held out")
     data.add_argument("--template", choices=sorted(TEMPLATES), default="alpaca", help="prompt template")

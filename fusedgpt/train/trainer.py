@@ -31,7 +31,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from fusedgpt.hardware import autocast, bf16_peak_flops, choose_kernels
+from fusedgpt.hardware import add_device_arguments, autocast, bf16_peak_flops, choose_kernels
 from fusedgpt.model.config import KERNEL_CHOICES, PRESETS, GPTConfig
 from fusedgpt.model.gpt import GPT
 from fusedgpt.io import checkpoint as ckpt
@@ -64,7 +64,8 @@ class TrainConfig:
         save_every: 0 = only at the end (and on Ctrl-C).
         kernels: None = ``"auto"`` on CUDA, ``"torch"`` (the reference ops) on CPU: the Triton
             interpreter is for verification and far too slow to train with.
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (one process only; under
+            torchrun every process takes ``cuda:LOCAL_RANK``).
     """
 
     preset: str = "small"
@@ -615,8 +616,6 @@ _FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("save_every", int, "checkpoint every N steps (0: only at the end)"),
     ("keep_last", int, "checkpoints kept"),
     ("seed", int, "seed for initialisation, data order and dropout"),
-    ("kernels", str, "auto|triton|torch (default: auto on CUDA, torch on CPU)"),
-    ("device", str, "auto|cpu|cuda"),
     ("sample_tokens", int, "tokens sampled at each evaluation (0: none)"),
     ("sample_prompt", str, "prompt for those samples"),
     ("log_every", int, "log training metrics every N steps"),
@@ -628,13 +627,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # SUPPRESS keeps unset flags out of the namespace, so only what was typed overrides
     # the TOML file and the resumed run.
     suppress = argparse.SUPPRESS
-    parser.add_argument("--config", default=None, help="TOML file of options ([model] table: GPTConfig fields)")
+    parser.add_argument("--config", default=None, help="TOML file of options ([model] table: GPTConfig fields; default: none)")
+    defaults = TrainConfig()
     for name, kind, help_text in _FLAGS:
-        choices = {"kernels": KERNEL_CHOICES, "device": ("auto", "cpu", "cuda")}.get(name)
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=suppress, choices=choices, help=help_text)
+        if "default" not in help_text:  # the help says it where TrainConfig's default needs words
+            value = getattr(defaults, name)
+            help_text += f" (default: {value!r})" if isinstance(value, str) and not value.strip() else f" (default: {value})"
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=suppress, help=help_text)
     for name, kind in _MODEL_FLAGS:
         parser.add_argument("--" + name.replace("_", "-"), dest="model." + name, type=kind, default=suppress,
-                            metavar=name.upper(), help=f"model {name} (overrides the preset)")
+                            metavar=name.upper(), help=f"model {name} (default: the preset's)")
+    add_device_arguments(parser, keep_unset=True)
     for name, help_text in (("resume", "continue from the newest checkpoint in --out"),
                             ("compile", "torch.compile the model"),
                             ("fsdp", "under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP")):

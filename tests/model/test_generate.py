@@ -156,8 +156,10 @@ def test_bad_arguments(model, change, error, match):
 def test_command_line_rejects_an_unknown_device(tmp_path, capsys):
     from fusedgpt.cli import main
 
-    assert main(["generate", "--checkpoint", str(tmp_path), "--device", "gpu0"]) == 2
-    assert "error: device must be auto|cpu|cuda|cuda:N (auto: CUDA when available), got 'gpu0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error, before anything loads
+        main(["generate", "--checkpoint", str(tmp_path), "--device", "gpu0"])
+    assert exit_info.value.code == 2
+    assert "argument --device: expected auto|cpu|cuda|cuda:N, got 'gpu0'" in capsys.readouterr().err
 
 
 def test_command_line_skips_a_damaged_newest_checkpoint_of_a_run(tmp_path, capsys):

@@ -52,3 +52,16 @@ def test_two_gloo_processes_match_one_process_with_double_accumulation(corpus_di
     cfg, checkpoint = resolve_config({"out": str(out), "resume": True, "fsdp": False, "max_steps": STEPS + 1})
     resumed = Trainer(cfg, resume_from=checkpoint).run()
     assert resumed.step == STEPS + 1 and all(map(math.isfinite, resumed.train_losses))
+
+
+def test_setup_takes_an_indexed_device_in_one_process_only(monkeypatch):
+    from fusedgpt.train import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="under torchrun every process takes cuda:LOCAL_RANK; use --device cuda"):
+        distributed.setup("cuda:1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="has 1 CUDA device"):
+        distributed.setup("cuda:1")
