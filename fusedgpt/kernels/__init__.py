@@ -9,8 +9,9 @@ from fusedgpt.kernels.backend import BackendUnavailableError
 from fusedgpt.kernels.cross_entropy import cross_entropy
 from fusedgpt.kernels.layernorm import add_layer_norm, layer_norm
 from fusedgpt.kernels.linear_cross_entropy import linear_cross_entropy
+from fusedgpt.kernels.rms_norm import add_rms_norm, rms_norm
 
 __all__ = [
     "BackendUnavailableError", "add_layer_norm", "cross_entropy", "flash_attention", "layer_norm",
-    "linear_cross_entropy",
+    "linear_cross_entropy", "add_rms_norm", "rms_norm",
 ]

@@ -1,36 +1,43 @@
-r"""Fused LayerNorm, and the residual add + LayerNorm of a pre-LN transformer block.
+r"""Fused LayerNorm and RMSNorm, alone or after the residual add of a pre-norm block.
 
+One pair of kernels serves both norms; a constexpr ``CENTERED`` says whether the row's mean
+is subtracted (LayerNorm) or not (RMSNorm, whose public functions live in ``rms_norm.py``).
 Forward, per row of N features (any leading shape is flattened to M rows):
 
-    s     = x + r                        (add_layer_norm only; stored in x's dtype)
-    mean  = sum(s) / N
+    s     = x + r                     (the add_ variants; stored in r's dtype)
+    mean  = sum(s) / N                (LayerNorm; 0 for RMSNorm)
     rstd  = 1 / sqrt(sum((s - mean)^2) / N + eps)
     xhat  = (s - mean) * rstd
-    y     = xhat * w + b
+    y     = xhat * (w + offset) + b   (offset = 0 for LayerNorm; b only for LayerNorm)
 
-Statistics are computed and kept in fp32 whatever the input dtype. The normalisation uses
-the sum *after* rounding to the input dtype, so ``y`` is exactly ``layer_norm(summed)`` of
-the ``summed`` tensor the caller gets back.
+Statistics are computed and kept in fp32 whatever the input dtypes. Inputs may differ in
+dtype (under autocast: a bf16 branch output x, an fp32 residual stream r): ``summed`` has
+r's dtype and ``y`` has ``out_dtype`` (default x's). The normalisation uses the sum *after*
+rounding to r's dtype, so ``y`` is exactly the norm of the ``summed`` the caller gets back.
 
-Backward, with ``g = w * dy``:
+Backward, with ``g = (w + offset) * dy``:
 
-    dx = rstd * (g - xhat * mean(g * xhat) - mean(g))   (+ d summed, the gradient that
-                                                          reaches the residual stream)
+    dx = rstd * (g - xhat * mean(g * xhat) - mean(g))   (the mean(g) term: LayerNorm only)
+         + d summed                                      (the gradient from the stream)
     dw = sum over rows of dy * xhat
     db = sum over rows of dy
 
-``dx`` goes to both ``x`` and ``residual``. ``dw`` and ``db`` are reduced in two
-deterministic stages, without atomics: each of G persistent programs owns a slice of the
-rows and accumulates an fp32 partial sum (G, N); the partials are then summed over G.
+``dx`` goes to both ``x`` and ``residual``, written once in each one's dtype. ``dw`` and
+``db`` are reduced in two deterministic stages, without atomics: each of G persistent
+programs owns a slice of the rows and accumulates an fp32 partial sum (G, N); the partials
+are then summed over G. With a single block per row, each program loads the weight once,
+before its loop over rows.
 
 Saved for backward: the normalised input (``x``, or ``summed``), the weight, and the fp32
-``mean`` and ``rstd`` (2 x M floats); ``xhat`` is recomputed, never stored.
+``rstd`` (and ``mean`` for LayerNorm), M floats each; ``xhat`` is recomputed, never stored.
 
 IO per row, when the row fits one block (N <= 4096): forward reads x (and r) once and
-writes y (and s) once; backward reads x and dy once and writes dx. Wider rows (up to any
-N) are processed in chunks of 4096 in a loop: the forward then reads its input twice
-(Chan's parallel variance in the first pass, normalisation in the second) and the backward
-reads x and dy twice.
+writes y (and s) once; backward reads s and dy (and d summed) once and writes dx (and, when
+x's dtype differs from r's, dx again in x's dtype). Per element of a GPT-2 block under bf16
+autocast that is 2 + 4 bytes read and 4 + 2 written forward. Wider rows (up to any N) are
+processed in chunks of 4096 in a loop: the forward then reads its input twice (for
+LayerNorm, Chan's parallel variance in the first pass; normalisation in the second) and the
+backward reads s and dy twice.
 """
 
 from __future__ import annotations
@@ -42,7 +49,9 @@ import triton
 import triton.language as tl
 
 from fusedgpt.kernels import backend as _backend
-from fusedgpt.kernels.checks import as_rows, check_float, check_number, check_same_device, float64_unsupported
+from fusedgpt.kernels.checks import (
+    FLOAT_DTYPES, REFERENCE_ONLY_DTYPES, as_rows, check_float, check_number, check_same_device, float64_unsupported,
+)
 
 Tensor = torch.Tensor
 
@@ -55,7 +64,7 @@ MAX_BLOCK_N = 4096
 @triton.jit
 def _load_input(X, R, S, x_row, r_row, s_row, cols, mask, HAS_RESIDUAL: tl.constexpr):
     """One chunk of the row to normalise, as fp32. With a residual, also stores x + r
-    (rounded to the storage dtype, then used as rounded)."""
+    (rounded to the stream's dtype, then used as rounded)."""
     x = tl.load(X + x_row + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(R + r_row + cols, mask=mask, other=0.0).to(tl.float32)
@@ -66,9 +75,14 @@ def _load_input(X, R, S, x_row, r_row, s_row, cols, mask, HAS_RESIDUAL: tl.const
 
 
 @triton.jit
-def _normalize_and_store(x, mean, rstd, W, B, Y, y_row, cols, mask, HAS_BIAS: tl.constexpr):
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    y = (x - mean) * rstd * w
+def _load_weight(W, cols, mask, weight_offset):
+    """fp32 ``w + offset`` (Gemma stores RMSNorm weights as offsets from 1)."""
+    return tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + weight_offset
+
+
+@triton.jit
+def _normalize_and_store(x, mean, rstd, W, B, Y, y_row, cols, mask, weight_offset, HAS_BIAS: tl.constexpr):
+    y = (x - mean) * rstd * _load_weight(W, cols, mask, weight_offset)
     if HAS_BIAS:
         y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
@@ -78,9 +92,10 @@ def _normalize_and_store(x, mean, rstd, W, B, Y, y_row, cols, mask, HAS_BIAS: tl
 def _layer_norm_fwd_kernel(
     X, R, W, B, Y, S, MEAN, RSTD,
     stride_x, stride_r, stride_y, stride_s,
-    N, eps,
+    N, eps, weight_offset,
     BLOCK_N: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
+    CENTERED: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):
@@ -90,27 +105,35 @@ def _layer_norm_fwd_kernel(
     if ONE_BLOCK:
         mask = cols < N
         x = _load_input(X, R, S, x_row, r_row, s_row, cols, mask, HAS_RESIDUAL)
-        mean = tl.sum(x, axis=0) / N
-        centered = tl.where(mask, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
-        _normalize_and_store(x, mean, rstd, W, B, Y, y_row, cols, mask, HAS_BIAS)
+        if CENTERED:
+            mean = tl.sum(x, axis=0) / N
+            deviation = tl.where(mask, x - mean, 0.0)
+        else:
+            mean = 0.0
+            deviation = x  # masked columns loaded as 0
+        rstd = 1.0 / tl.sqrt(tl.sum(deviation * deviation, axis=0) / N + eps)
+        _normalize_and_store(x, mean, rstd, W, B, Y, y_row, cols, mask, weight_offset, HAS_BIAS)
     else:
-        # Pass 1: mean and sum of squared deviations, merged chunk by chunk (Chan et al.),
-        # which stays accurate where sum(x^2) - N mean^2 would cancel.
+        # Pass 1: the sum of squared deviations. LayerNorm merges per-chunk means and
+        # deviations (Chan et al.), which stays accurate where sum(x^2) - N mean^2 would
+        # cancel; RMSNorm's deviations are from 0, so it just sums squares.
         mean = 0.0
         m2 = 0.0
         count = 0.0
         for start in range(0, N, BLOCK_N):
             mask = start + cols < N
             x = _load_input(X, R, S, x_row, r_row, s_row, start + cols, mask, HAS_RESIDUAL)
-            chunk_count = tl.minimum(N - start, BLOCK_N).to(tl.float32)
-            chunk_mean = tl.sum(x, axis=0) / chunk_count
-            centered = tl.where(mask, x - chunk_mean, 0.0)
-            delta = chunk_mean - mean
-            total = count + chunk_count
-            mean += delta * chunk_count / total
-            m2 += tl.sum(centered * centered, axis=0) + delta * delta * count * chunk_count / total
-            count = total
+            if CENTERED:
+                chunk_count = tl.minimum(N - start, BLOCK_N).to(tl.float32)
+                chunk_mean = tl.sum(x, axis=0) / chunk_count
+                deviation = tl.where(mask, x - chunk_mean, 0.0)
+                delta = chunk_mean - mean
+                total = count + chunk_count
+                mean += delta * chunk_count / total
+                m2 += tl.sum(deviation * deviation, axis=0) + delta * delta * count * chunk_count / total
+                count = total
+            else:
+                m2 += tl.sum(x * x, axis=0)
         rstd = 1.0 / tl.sqrt(m2 / N + eps)
         # Pass 2: normalise; with a residual, read back the rounded sum stored in pass 1.
         for start in range(0, N, BLOCK_N):
@@ -119,37 +142,51 @@ def _layer_norm_fwd_kernel(
                 x = tl.load(S + s_row + start + cols, mask=mask, other=0.0).to(tl.float32)
             else:
                 x = tl.load(X + x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-            _normalize_and_store(x, mean, rstd, W, B, Y, y_row, start + cols, mask, HAS_BIAS)
-    tl.store(MEAN + row, mean)
+            _normalize_and_store(x, mean, rstd, W, B, Y, y_row, start + cols, mask, weight_offset, HAS_BIAS)
+    if CENTERED:
+        tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
 
 
 @triton.jit
-def _input_grad_terms(DY, X, W, dy_row, x_row, cols, mask, mean, rstd):
-    """fp32 (dy, xhat, w * dy) for one chunk of a row, zero outside the mask."""
+def _input_grad_terms(DY, X, dy_row, x_row, cols, mask, w, mean, rstd):
+    """fp32 (dy, xhat, w * dy) for one chunk of a row, zero outside the mask; ``w`` is the
+    chunk's loaded ``weight + offset``."""
     dy = tl.load(DY + dy_row + cols, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(X + x_row + cols, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     xhat = tl.where(mask, (x - mean) * rstd, 0.0)
     return dy, xhat, w * dy
 
 
 @triton.jit
-def _store_input_grad(DX, DSUM, dx_row, dsum_row, cols, mask, g, xhat, c1, c2, rstd, HAS_DSUM: tl.constexpr):
+def _store_input_grad(
+    DX, DSUM, DBRANCH, dx_row, dsum_row, dbranch_row, cols, mask, g, xhat, c1, c2, rstd,
+    HAS_DSUM: tl.constexpr, HAS_DBRANCH: tl.constexpr,
+):
     dx = (g - (xhat * c1 + c2)) * rstd
     if HAS_DSUM:
         dx += tl.load(DSUM + dsum_row + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(DX + dx_row + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    if HAS_DBRANCH:  # the branch x has its own dtype: the same gradient, rounded to it
+        tl.store(DBRANCH + dbranch_row + cols, dx.to(DBRANCH.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row_stats(MEAN, RSTD, row, CENTERED: tl.constexpr):
+    mean = tl.load(MEAN + row) if CENTERED else 0.0
+    return mean, tl.load(RSTD + row)
 
 
 @triton.jit
 def _layer_norm_bwd_kernel(
-    DY, X, W, MEAN, RSTD, DSUM, DX, DW_PARTIAL, DB_PARTIAL,
-    stride_dy, stride_x, stride_dsum, stride_dx,
-    M, N,
+    DY, X, W, MEAN, RSTD, DSUM, DX, DBRANCH, DW_PARTIAL, DB_PARTIAL,
+    stride_dy, stride_x, stride_dsum, stride_dx, stride_dbranch,
+    M, N, weight_offset,
     BLOCK_N: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
+    CENTERED: tl.constexpr,
     HAS_DSUM: tl.constexpr,
+    HAS_DBRANCH: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):
     # Persistent: program p takes rows p, p + G, p + 2G, ... and owns row p of the partials.
@@ -159,18 +196,20 @@ def _layer_norm_bwd_kernel(
     partial_row = pid.to(tl.int64) * N
     if ONE_BLOCK:
         mask = cols < N
+        w = _load_weight(W, cols, mask, weight_offset)  # once for all of this program's rows
         dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for row in range(pid, M, num_programs):
             row64 = tl.cast(row, tl.int64)
-            mean = tl.load(MEAN + row64)
-            rstd = tl.load(RSTD + row64)
-            dy, xhat, g = _input_grad_terms(DY, X, W, row64 * stride_dy, row64 * stride_x, cols, mask, mean, rstd)
+            mean, rstd = _row_stats(MEAN, RSTD, row64, CENTERED)
+            dy, xhat, g = _input_grad_terms(DY, X, row64 * stride_dy, row64 * stride_x, cols, mask, w, mean, rstd)
             c1 = tl.sum(g * xhat, axis=0) / N
-            c2 = tl.sum(g, axis=0) / N
-            _store_input_grad(DX, DSUM, row64 * stride_dx, row64 * stride_dsum, cols, mask, g, xhat, c1, c2, rstd, HAS_DSUM)
+            c2 = tl.sum(g, axis=0) / N if CENTERED else 0.0
+            _store_input_grad(DX, DSUM, DBRANCH, row64 * stride_dx, row64 * stride_dsum, row64 * stride_dbranch,
+                              cols, mask, g, xhat, c1, c2, rstd, HAS_DSUM, HAS_DBRANCH)
             dw_acc += dy * xhat
-            db_acc += dy
+            if HAS_BIAS:
+                db_acc += dy
         tl.store(DW_PARTIAL + partial_row + cols, dw_acc, mask=mask)
         if HAS_BIAS:
             tl.store(DB_PARTIAL + partial_row + cols, db_acc, mask=mask)
@@ -179,22 +218,26 @@ def _layer_norm_bwd_kernel(
         # touches its row, so read-add-write is deterministic.
         for row in range(pid, M, num_programs):
             row64 = tl.cast(row, tl.int64)
-            mean = tl.load(MEAN + row64)
-            rstd = tl.load(RSTD + row64)
+            mean, rstd = _row_stats(MEAN, RSTD, row64, CENTERED)
             dy_row, x_row = row64 * stride_dy, row64 * stride_x
             c1 = 0.0
             c2 = 0.0
             for start in range(0, N, BLOCK_N):
                 mask = start + cols < N
-                dy, xhat, g = _input_grad_terms(DY, X, W, dy_row, x_row, start + cols, mask, mean, rstd)
+                w = _load_weight(W, start + cols, mask, weight_offset)
+                dy, xhat, g = _input_grad_terms(DY, X, dy_row, x_row, start + cols, mask, w, mean, rstd)
                 c1 += tl.sum(g * xhat, axis=0)
-                c2 += tl.sum(g, axis=0)
+                if CENTERED:
+                    c2 += tl.sum(g, axis=0)
             c1 = c1 / N
             c2 = c2 / N
             for start in range(0, N, BLOCK_N):
                 mask = start + cols < N
-                dy, xhat, g = _input_grad_terms(DY, X, W, dy_row, x_row, start + cols, mask, mean, rstd)
-                _store_input_grad(DX, DSUM, row64 * stride_dx, row64 * stride_dsum, start + cols, mask, g, xhat, c1, c2, rstd, HAS_DSUM)
+                w = _load_weight(W, start + cols, mask, weight_offset)
+                dy, xhat, g = _input_grad_terms(DY, X, dy_row, x_row, start + cols, mask, w, mean, rstd)
+                _store_input_grad(DX, DSUM, DBRANCH, row64 * stride_dx, row64 * stride_dsum,
+                                  row64 * stride_dbranch, start + cols, mask, g, xhat, c1, c2, rstd,
+                                  HAS_DSUM, HAS_DBRANCH)
                 dw_ptrs = DW_PARTIAL + partial_row + start + cols
                 tl.store(dw_ptrs, tl.load(dw_ptrs, mask=mask, other=0.0) + dy * xhat, mask=mask)
                 if HAS_BIAS:
@@ -209,7 +252,7 @@ def block_config(n: int) -> tuple[int, int, bool]:
     """``(BLOCK_N, num_warps, ONE_BLOCK)`` for rows of ``n`` features.
 
     Block sizes are powers of two from 128 to 4096 (narrower rows are masked), with at most
-    8 elements of a row per thread, which keeps the backward's six live fp32 vectors in
+    8 elements of a row per thread, which keeps the backward's live fp32 vectors in
     registers (see the compile report); rows wider than 4096 loop over 4096-wide chunks.
     """
     block_n = min(max(triton.next_power_of_2(n), 128), MAX_BLOCK_N)
@@ -225,29 +268,32 @@ def launch_configs() -> list[tuple[int, int, bool]]:
 
 
 def layer_norm_forward(
-    x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float
+    x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float,
+    centered: bool, weight_offset: float, out_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Launch the forward on rows ``x`` (M, N) with unit column stride.
+    """Launch the forward on rows ``x`` (M, N) (and ``residual``, same shape, any float
+    dtype), both with unit column stride.
 
-    Returns ``y`` (M, N) in x's dtype, ``summed`` (M, N) (empty without a residual), and the
-    fp32 ``mean`` and ``rstd`` (M,).
+    Returns ``y`` (M, N) in ``out_dtype``, ``summed`` (M, N) in the residual's dtype (empty
+    without a residual), and the fp32 ``mean`` (M,) (empty unless ``centered``) and
+    ``rstd`` (M,).
     """
     m, n = x.shape
-    y = torch.empty_like(x)
-    summed = torch.empty_like(x) if residual is not None else x.new_empty(0)
-    mean = torch.empty(m, dtype=torch.float32, device=x.device)
+    y = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    summed = torch.empty_like(residual, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(0)
+    mean = torch.empty(m if centered else 0, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     if m == 0:
         return y, summed, mean, rstd
     block_n, num_warps, one_block = block_config(n)
-    # Absent optional tensors are never read (the constexpr flags are off); x stands in.
+    # Absent optional tensors are never read (the constexpr flags are off); others stand in.
     _layer_norm_fwd_kernel[(m,)](
         x, residual if residual is not None else x, weight, bias if bias is not None else weight,
-        y, summed if residual is not None else y, mean, rstd,
+        y, summed if residual is not None else y, mean if centered else rstd, rstd,
         x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
         summed.stride(0) if residual is not None else 0,
-        n, eps,
-        BLOCK_N=block_n, ONE_BLOCK=one_block,
+        n, eps, weight_offset,
+        BLOCK_N=block_n, ONE_BLOCK=one_block, CENTERED=centered,
         HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
         num_warps=num_warps,
     )
@@ -255,32 +301,37 @@ def layer_norm_forward(
 
 
 def layer_norm_backward(
-    dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
-    dsummed: Optional[Tensor], has_bias: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+    dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, dsummed: Optional[Tensor],
+    centered: bool, weight_offset: float, has_bias: bool, branch_dtype: Optional[torch.dtype],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Launch the backward for rows ``x`` (M, N), the input that was normalised.
 
-    Returns ``dx`` (M, N) in x's dtype (plus ``dsummed`` when given), and fp32 ``dweight``
-    and ``dbias`` (N,) (``dbias`` empty when ``has_bias`` is false).
+    Returns ``dx`` (M, N) in x's dtype (plus ``dsummed`` when given); ``dbranch``, the same
+    gradient in ``branch_dtype`` (empty when that is None); and fp32 ``dweight`` and
+    ``dbias`` (N,) (``dbias`` empty when ``has_bias`` is false).
     """
     m, n = x.shape
     dx = torch.empty_like(x)
+    dbranch = torch.empty(m, n, dtype=branch_dtype, device=x.device) if branch_dtype is not None else dx.new_empty(0)
     if m == 0:
         zeros = torch.zeros(n, dtype=torch.float32, device=x.device)
-        return dx, zeros, zeros.clone() if has_bias else zeros.new_empty(0)
+        return dx, dbranch, zeros, zeros.clone() if has_bias else zeros.new_empty(0)
     block_n, num_warps, one_block = block_config(n)
     programs = _backend.num_programs_for_reduction(x.device, m)
     dw_partial = torch.zeros(programs, n, dtype=torch.float32, device=x.device)
     db_partial = torch.zeros(programs, n, dtype=torch.float32, device=x.device) if has_bias else dw_partial
     _layer_norm_bwd_kernel[(programs,)](
-        dy, x, weight, mean, rstd, dsummed if dsummed is not None else dy, dx, dw_partial, db_partial,
+        dy, x, weight, mean if centered else rstd, rstd, dsummed if dsummed is not None else dy, dx,
+        dbranch if branch_dtype is not None else dx, dw_partial, db_partial,
         dy.stride(0), x.stride(0), dsummed.stride(0) if dsummed is not None else 0, dx.stride(0),
-        m, n,
-        BLOCK_N=block_n, ONE_BLOCK=one_block, HAS_DSUM=dsummed is not None, HAS_BIAS=has_bias,
+        dbranch.stride(0) if branch_dtype is not None else 0,
+        m, n, weight_offset,
+        BLOCK_N=block_n, ONE_BLOCK=one_block, CENTERED=centered, HAS_DSUM=dsummed is not None,
+        HAS_DBRANCH=branch_dtype is not None, HAS_BIAS=has_bias,
         num_warps=num_warps,
     )
     dbias = db_partial.sum(0) if has_bias else dw_partial.new_empty(0)
-    return dx, dw_partial.sum(0), dbias
+    return dx, dbranch, dw_partial.sum(0), dbias
 
 
 # ------------------------------------------------- torch.library ops (for torch.compile)
@@ -288,50 +339,52 @@ def layer_norm_backward(
 
 @torch.library.custom_op("fusedgpt::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd_op(
-    x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float
+    x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float,
+    centered: bool, weight_offset: float, out_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return layer_norm_forward(x, residual, weight, bias, eps)
+    return layer_norm_forward(x, residual, weight, bias, eps, centered, weight_offset, out_dtype)
 
 
 @_layer_norm_fwd_op.register_fake
-def _(x, residual, weight, bias, eps):
-    m = x.shape[0]
-    stats = x.new_empty(m, dtype=torch.float32)
-    summed = torch.empty_like(x) if residual is not None else x.new_empty(0)
-    return torch.empty_like(x), summed, stats, torch.empty_like(stats)
+def _(x, residual, weight, bias, eps, centered, weight_offset, out_dtype):
+    m, n = x.shape
+    rstd = x.new_empty(m, dtype=torch.float32)
+    summed = residual.new_empty(m, n) if residual is not None else x.new_empty(0)
+    return x.new_empty(m, n, dtype=out_dtype), summed, rstd.new_empty(m if centered else 0), rstd
 
 
 @torch.library.custom_op("fusedgpt::layer_norm_bwd", mutates_args=())
 def _layer_norm_bwd_op(
-    dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
-    dsummed: Optional[Tensor], has_bias: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return layer_norm_backward(dy, x, weight, mean, rstd, dsummed, has_bias)
+    dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, dsummed: Optional[Tensor],
+    centered: bool, weight_offset: float, has_bias: bool, branch_dtype: Optional[torch.dtype],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return layer_norm_backward(dy, x, weight, mean, rstd, dsummed, centered, weight_offset, has_bias, branch_dtype)
 
 
 @_layer_norm_bwd_op.register_fake
-def _(dy, x, weight, mean, rstd, dsummed, has_bias):
-    n = x.shape[1]
+def _(dy, x, weight, mean, rstd, dsummed, centered, weight_offset, has_bias, branch_dtype):
+    m, n = x.shape
     dw = x.new_empty(n, dtype=torch.float32)
-    return torch.empty_like(x), dw, x.new_empty(n if has_bias else 0, dtype=torch.float32)
+    dbranch = x.new_empty(m, n, dtype=branch_dtype) if branch_dtype is not None else x.new_empty(0)
+    return torch.empty_like(x), dbranch, dw, dw.new_empty(n if has_bias else 0)
 
 
 # --------------------------------------------------------------------------- autograd
 
 
-class _LayerNormFunction(torch.autograd.Function):
+class _NormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps):
+    def forward(ctx, x, residual, weight, bias, eps, centered, weight_offset, out_dtype):
         rows = as_rows(x)
         y, summed, mean, rstd = torch.ops.fusedgpt.layer_norm_fwd(
             rows, None if residual is None else as_rows(residual), weight.contiguous(),
-            None if bias is None else bias.contiguous(), eps,
+            None if bias is None else bias.contiguous(), eps, centered, weight_offset, out_dtype,
         )
         ctx.save_for_backward(rows if residual is None else summed, weight.contiguous(), mean, rstd)
-        ctx.has_residual = residual is not None
-        ctx.has_bias = bias is not None
-        ctx.shape = x.shape
-        ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        # The branch gradient needs its own copy only when x and the stream differ in dtype.
+        branch_dtype = x.dtype if residual is not None and residual.dtype != x.dtype else None
+        ctx.params = (x.shape, x.dtype, residual is not None, bias is not None, centered, weight_offset,
+                      branch_dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.set_materialize_grads(False)
         if residual is None:
             ctx.mark_non_differentiable(summed)
@@ -341,37 +394,51 @@ class _LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dsummed):
         normalized_input, weight, mean, rstd = ctx.saved_tensors
-        dsummed_rows = as_rows(dsummed) if ctx.has_residual and dsummed is not None else None
+        (shape, x_dtype, has_residual, has_bias, centered, weight_offset,
+         branch_dtype, weight_dtype, bias_dtype) = ctx.params
+        dsummed_rows = as_rows(dsummed) if has_residual and dsummed is not None else None
         if dy is None:  # only the residual stream was used downstream
-            dx = dsummed_rows.view(ctx.shape) if dsummed_rows is not None else None
-            return dx, dx, None, None, None
-        dx, dweight, dbias = torch.ops.fusedgpt.layer_norm_bwd(
-            as_rows(dy), normalized_input, weight, mean, rstd, dsummed_rows, ctx.has_bias
+            if dsummed_rows is None:
+                return None, None, None, None, None, None, None, None
+            dstream = dsummed_rows.view(shape)
+            return dstream.to(x_dtype), dstream, None, None, None, None, None, None
+        dx, dbranch, dweight, dbias = torch.ops.fusedgpt.layer_norm_bwd(
+            as_rows(dy), normalized_input, weight, mean, rstd, dsummed_rows, centered, weight_offset,
+            has_bias, branch_dtype,
         )
-        dx = dx.view(ctx.shape)
-        weight_dtype, bias_dtype = ctx.param_dtypes
+        dx = dx.view(shape)
         return (
-            dx,
-            dx if ctx.has_residual else None,
+            dbranch.view(shape) if branch_dtype is not None else dx,
+            dx if has_residual else None,
             dweight.to(weight_dtype),
-            dbias.to(bias_dtype) if ctx.has_bias else None,
-            None,
+            dbias.to(bias_dtype) if has_bias else None,
+            None, None, None, None,
         )
 
 
 # --------------------------------------------------------------------------- public
 
 
-def _check(op: str, x, residual, weight, bias, eps) -> float:
-    """Raises on bad input; returns ``eps`` as a float."""
+def check_out_dtype(op: str, out_dtype: object, default: torch.dtype) -> torch.dtype:
+    """``out_dtype``, or ``default`` for None, after checking it is a float dtype."""
+    if out_dtype is None:
+        return default
+    if not isinstance(out_dtype, torch.dtype) or out_dtype not in FLOAT_DTYPES + REFERENCE_ONLY_DTYPES:
+        raise TypeError(
+            f"{op}: out_dtype must be None, torch.float32, torch.float16 or torch.bfloat16 "
+            f"(torch.float64 on the reference path), got {out_dtype!r}"
+        )
+    return out_dtype
+
+
+def _check(op: str, x, residual, weight, bias, eps, weight_offset, out_dtype) -> tuple[float, float, torch.dtype]:
+    """Raises on bad input; returns ``(eps, weight_offset, out_dtype)`` resolved."""
     check_float(op, "x", x)
     check_float(op, "weight", weight)
     if residual is not None:
         check_float(op, "residual", residual)
         if residual.shape != x.shape:
             raise ValueError(f"{op}: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        if residual.dtype != x.dtype:
-            raise TypeError(f"{op}: residual must have x's dtype {x.dtype}, got {residual.dtype}")
     if bias is not None:
         check_float(op, "bias", bias)
     if x.dim() == 0:
@@ -384,24 +451,45 @@ def _check(op: str, x, residual, weight, bias, eps) -> float:
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"{op}: bias must have shape ({n},) to match x's last dimension, got {tuple(bias.shape)}")
     check_same_device(op, x=x, residual=residual, weight=weight, bias=bias)
-    return check_number(op, "eps", eps, above=0.0)
+    eps = check_number(op, "eps", eps, above=0.0)
+    weight_offset = check_number(op, "offset", weight_offset)
+    return eps, weight_offset, check_out_dtype(op, out_dtype, x.dtype)
 
 
-def _dispatch(op, x, residual, weight, bias, eps, backend) -> tuple[Tensor, Tensor]:
-    eps = _check(op, x, residual, weight, bias, eps)
+def normalize(
+    op: str, x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float, *,
+    centered: bool, weight_offset: float, out_dtype: Optional[torch.dtype], backend: Optional[str],
+) -> tuple[Tensor, Tensor]:
+    """Check, then run LayerNorm (``centered``) or RMSNorm on the chosen path; returns
+    ``(normed, summed)`` (``summed`` is x itself without a residual). Shared by the public
+    functions here and in ``rms_norm.py``."""
+    eps, weight_offset, out_dtype = _check(op, x, residual, weight, bias, eps, weight_offset, out_dtype)
     tensors = (x, residual, weight, bias)
-    path = _backend.choose(op, backend, tensors, unsupported=float64_unsupported(*tensors))
+    unsupported = float64_unsupported(*tensors) or (
+        "float64 output runs on the reference path only" if out_dtype == torch.float64 else None
+    )
+    path = _backend.choose(op, backend, tensors, unsupported=unsupported)
     if path == "triton":
-        return _LayerNormFunction.apply(x, residual, weight, bias, eps)
+        return _NormFunction.apply(x, residual, weight, bias, eps, centered, weight_offset, out_dtype)
     from fusedgpt.kernels import reference
 
+    if centered:
+        if residual is None:
+            return reference.layer_norm(x, weight, bias, eps, out_dtype=out_dtype), x
+        return reference.add_layer_norm(x, residual, weight, bias, eps, out_dtype=out_dtype)
     if residual is None:
-        return reference.layer_norm(x, weight, bias, eps), x
-    return reference.add_layer_norm(x, residual, weight, bias, eps)
+        return reference.rms_norm(x, weight, eps, offset=weight_offset, out_dtype=out_dtype), x
+    return reference.add_rms_norm(x, residual, weight, eps, offset=weight_offset, out_dtype=out_dtype)
 
 
 def layer_norm(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5, *, backend: Optional[str] = None
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    *,
+    out_dtype: Optional[torch.dtype] = None,
+    backend: Optional[str] = None,
 ) -> Tensor:
     """LayerNorm over the last dimension.
 
@@ -411,12 +499,15 @@ def layer_norm(
             weights with fp16 activations).
         bias: (N,) or None.
         eps: added to the variance; > 0.
+        out_dtype: the output's dtype (default x's): e.g. bf16 for the next matmul while
+            x is an fp32 residual stream.
         backend: None (``$FUSEDGPT_BACKEND`` or ``auto``), ``"auto"``, ``"triton"``, ``"torch"``.
 
     Returns:
-        (..., N) in x's dtype. Mean and variance are computed in fp32.
+        (..., N) in ``out_dtype``. Mean and variance are computed in fp32.
     """
-    y, _ = _dispatch("layer_norm", x, None, weight, bias, eps, backend)
+    y, _ = normalize("layer_norm", x, None, weight, bias, eps, centered=True, weight_offset=0.0,
+                     out_dtype=out_dtype, backend=backend)
     return y
 
 
@@ -427,55 +518,60 @@ def add_layer_norm(
     bias: Optional[Tensor] = None,
     eps: float = 1e-5,
     *,
+    out_dtype: Optional[torch.dtype] = None,
     backend: Optional[str] = None,
 ) -> tuple[Tensor, Tensor]:
     """``summed = x + residual`` and ``layer_norm(summed)`` in one pass.
 
     Args:
-        x, residual: (..., N), same shape and dtype (float32, float16 or bfloat16).
+        x: (..., N) the branch output, float32, float16 or bfloat16.
+        residual: (..., N) the residual stream; its dtype may differ from x's (under
+            autocast: x bf16, residual fp32), the sum is computed in fp32.
         weight, bias, eps, backend: as in :func:`layer_norm`.
+        out_dtype: the dtype of ``normed`` (default x's dtype).
 
     Returns:
-        ``(normed, summed)``, both (..., N) in x's dtype. Gradients reach ``x`` and
-        ``residual`` through both outputs.
+        ``(normed, summed)``, both (..., N): ``normed`` in ``out_dtype``, ``summed`` in the
+        residual's dtype. Gradients reach ``x`` and ``residual`` through both outputs.
     """
-    return _dispatch("add_layer_norm", x, residual, weight, bias, eps, backend)
+    return normalize("add_layer_norm", x, residual, weight, bias, eps, centered=True, weight_offset=0.0,
+                     out_dtype=out_dtype, backend=backend)
 
 
 # --------------------------------------------------------------------------- compile report
 
 
-def aot_variants(dtype: torch.dtype) -> list:
-    """Every (kernel, config) the launchers can pick for activations of ``dtype``, with all
-    optional features on (residual, bias, incoming residual gradient): the heaviest
-    specialisation of each config. Weights are taken as fp32 (master weights)."""
-    from fusedgpt.kernels.compile_report import KernelVariant, pointer
+def aot_variants(dtype: torch.dtype, workload=None) -> list:
+    """The launches a training step of ``workload`` (default gpt2) makes, on (tokens,
+    channels) rows of ``dtype`` with fp32 weight and bias: the forward with and without the
+    residual add, the backward with and without the residual-stream gradient. Recorded
+    from the launchers themselves, called on meta tensors (see compile_report)."""
+    import sys
 
-    act, f32 = pointer(dtype), pointer(torch.float32)
+    from fusedgpt.kernels import compile_report as cr
+
+    workload = workload or cr.WORKLOADS["gpt2"]
+    m, n = workload.tokens, workload.channels
+    item = torch.empty((), dtype=dtype).element_size()
+    rows = lambda: cr.meta_tensor(m, n, dtype=dtype)  # noqa: E731
+    weight, bias = cr.meta_tensor(n, dtype=torch.float32), cr.meta_tensor(n, dtype=torch.float32)
     found = []
-    for block_n, num_warps, one_block in launch_configs():
-        config = dict(dtype=str(dtype).removeprefix("torch."), BLOCK_N=block_n, ONE_BLOCK=one_block)
-        flags = dict(BLOCK_N=block_n, ONE_BLOCK=one_block, HAS_BIAS=True)
-        found.append(KernelVariant(
-            op="layernorm", kernel=_layer_norm_fwd_kernel,
-            signature=dict(X=act, R=act, W=f32, B=f32, Y=act, S=act, MEAN=f32, RSTD=f32,
-                           stride_x="i32", stride_r="i32", stride_y="i32", stride_s="i32",
-                           N="i32", eps="fp32", BLOCK_N="constexpr", ONE_BLOCK="constexpr",
-                           HAS_RESIDUAL="constexpr", HAS_BIAS="constexpr"),
-            constexprs={**flags, "HAS_RESIDUAL": True},
-            aligned=("X", "R", "W", "B", "Y", "S", "MEAN", "RSTD", "stride_x", "stride_r", "stride_y", "stride_s"),
-            num_warps=num_warps, num_stages=1, config=config,
-        ))
-        found.append(KernelVariant(
-            op="layernorm", kernel=_layer_norm_bwd_kernel,
-            signature=dict(DY=act, X=act, W=f32, MEAN=f32, RSTD=f32, DSUM=act, DX=act,
-                           DW_PARTIAL=f32, DB_PARTIAL=f32,
-                           stride_dy="i32", stride_x="i32", stride_dsum="i32", stride_dx="i32",
-                           M="i32", N="i32", BLOCK_N="constexpr", ONE_BLOCK="constexpr",
-                           HAS_DSUM="constexpr", HAS_BIAS="constexpr"),
-            constexprs={**flags, "HAS_DSUM": True},
-            aligned=("DY", "X", "W", "MEAN", "RSTD", "DSUM", "DX", "DW_PARTIAL", "DB_PARTIAL",
-                     "stride_dy", "stride_x", "stride_dsum", "stride_dx"),
-            num_warps=num_warps, num_stages=1, config=config,
-        ))
+    for residual in (False, True):
+        with cr.launches(sys.modules[__name__], "_layer_norm_fwd_kernel") as forward:
+            _, _, mean, rstd = layer_norm_forward(rows(), rows() if residual else None, weight, bias, 1e-5,
+                                                  True, 0.0, dtype)
+        with cr.launches(sys.modules[__name__], "_layer_norm_bwd_kernel") as backward:
+            layer_norm_backward(rows(), rows(), weight, mean, rstd, rows() if residual else None, True, 0.0, True, None)
+        # Bytes a pass must move per element: the rows read and written, plus fp32 mean
+        # and rstd per row.
+        for pass_, launch, tensors in (("fwd", forward[0], 2 + 2 * residual), ("bwd", backward[0], 3 + residual)):
+            block_n = launch.args["BLOCK_N"]
+            # One block per row: the forward has no loop (a program does the row); the
+            # backward loops over rows. Wider rows loop over BLOCK_N-wide chunks.
+            per_iteration = n if launch.args["ONE_BLOCK"] else block_n
+            found.append(cr.jit_variant(
+                "layernorm", pass_, launch, workload=workload,
+                work=cr.Work("element", per_iteration, tensors * item + 8 / n, loops="sequence"),
+                show=("BLOCK_N", "ONE_BLOCK", "HAS_RESIDUAL" if pass_ == "fwd" else "HAS_DSUM"),
+            ))
     return found

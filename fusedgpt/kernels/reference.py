@@ -28,19 +28,53 @@ def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.to(dtype)
 
 
-def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
-    """``(x - mean) / sqrt(var + eps) * weight + bias`` over the last dim; output in x's dtype."""
+def _residual_sum(x: Tensor, residual: Tensor) -> Tensor:
+    """``x + residual`` computed in fp32 (fp64 for fp64 inputs) and stored in the
+    residual's dtype: the stream keeps its precision whatever the branch's dtype."""
+    dtype = _compute_dtype(x, residual)
+    return (x.to(dtype) + residual.to(dtype)).to(residual.dtype)
+
+
+def layer_norm(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5,
+    out_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` over the last dim; output in
+    ``out_dtype`` (default x's dtype)."""
     dtype = _compute_dtype(x, weight, bias)
     y = F.layer_norm(x.to(dtype), (x.shape[-1],), weight.to(dtype), _cast(bias, dtype), eps)
-    return y.to(x.dtype)
+    return y.to(out_dtype or x.dtype)
 
 
 def add_layer_norm(
-    x: Tensor, residual: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5
+    x: Tensor, residual: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor]:
-    """``summed = x + residual``; returns ``(layer_norm(summed), summed)``."""
-    summed = x + residual
-    return layer_norm(summed, weight, bias, eps), summed
+    """``summed = x + residual`` (in the residual's dtype); returns ``(layer_norm(summed),
+    summed)``, the first in ``out_dtype`` (default x's dtype)."""
+    summed = _residual_sum(x, residual)
+    return layer_norm(summed, weight, bias, eps, out_dtype=out_dtype or x.dtype), summed
+
+
+def rms_norm(
+    x: Tensor, weight: Tensor, eps: float = 1e-6, offset: float = 0.0, out_dtype: Optional[torch.dtype] = None
+) -> Tensor:
+    """``x / sqrt(mean(x^2) + eps) * (weight + offset)`` over the last dim; output in
+    ``out_dtype`` (default x's dtype)."""
+    dtype = _compute_dtype(x, weight)
+    xf = x.to(dtype)
+    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * (weight.to(dtype) + offset)
+    return y.to(out_dtype or x.dtype)
+
+
+def add_rms_norm(
+    x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-6, offset: float = 0.0,
+    out_dtype: Optional[torch.dtype] = None,
+) -> tuple[Tensor, Tensor]:
+    """``summed = x + residual`` (in the residual's dtype); returns ``(rms_norm(summed),
+    summed)``, the first in ``out_dtype`` (default x's dtype)."""
+    summed = _residual_sum(x, residual)
+    return rms_norm(summed, weight, eps, offset, out_dtype=out_dtype or x.dtype), summed
 
 
 def cross_entropy(

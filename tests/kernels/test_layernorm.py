@@ -114,6 +114,51 @@ def test_torch_compile_fullgraph_matches_eager(device):
     assert_parity(compiled, lambda **kw: block(**kw, backend="torch"), inputs)
 
 
+def _mixed_inputs(shape, device, branch_dtype):
+    """A branch x in ``branch_dtype`` and an fp32 residual stream, as under autocast."""
+    inputs = _inputs(shape, torch.float32, device, residual=True)
+    inputs["x"] = inputs["x"].to(branch_dtype)
+    return inputs
+
+
+def _oracle(fn, out_dtype):
+    """The reference with ``out_dtype``, except for the float64 oracle, which stays exact."""
+    return lambda **kw: fn(**kw, out_dtype=None if kw["x"].dtype == torch.float64 else out_dtype)
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 768), (2, 4099)], ids=str)
+@pytest.mark.parametrize("out_dtype", [None, torch.float32], ids=["out-default", "out-fp32"])
+def test_add_layer_norm_fp16_branch_fp32_stream(shape, out_dtype, device):
+    # summed keeps the stream's fp32, normed comes out in out_dtype (default: the branch's
+    # fp16), and each input gets its gradient in its own dtype, from one backward pass.
+    inputs = _mixed_inputs(shape, device, torch.float16)
+    normed, summed = add_layer_norm(**inputs, out_dtype=out_dtype, backend="triton")
+    assert summed.dtype == torch.float32 and normed.dtype == (out_dtype or torch.float16)
+    assert_parity(lambda **kw: add_layer_norm(**kw, out_dtype=out_dtype, backend="triton"),
+                  _oracle(reference.add_layer_norm, out_dtype), inputs)
+
+
+def test_layer_norm_fp32_stream_to_fp16_output(device):
+    inputs = _inputs((4, 5, 300), torch.float32, device)
+    y = layer_norm(**inputs, out_dtype=torch.float16, backend="triton")
+    assert y.dtype == torch.float16
+    assert_parity(lambda **kw: layer_norm(**kw, out_dtype=torch.float16, backend="triton"),
+                  _oracle(reference.layer_norm, torch.float16), inputs)
+
+
+def test_mixed_dtypes_only_the_stream_is_used(device):
+    inputs = _mixed_inputs((3, 50), device, torch.float16)
+    assert_parity(lambda **kw: add_layer_norm(**kw, backend="triton")[1] * 2.0,
+                  lambda **kw: reference.add_layer_norm(**kw)[1] * 2.0, inputs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(3, 7, 768), (2, 9001)], ids=str)
+def test_bf16_branch_fp32_stream_gpu(shape):
+    assert_parity(lambda **kw: add_layer_norm(**kw, backend="triton"), reference.add_layer_norm,
+                  _mixed_inputs(shape, "cuda", torch.bfloat16))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_bf16_parity_gpu(shape):
@@ -181,7 +226,9 @@ def test_float64_goes_to_reference_under_auto(device):
         (lambda x, w: layer_norm(x.numpy(), w), TypeError, "x must be a torch.Tensor"),
         (lambda x, w: layer_norm(x, w.to("meta")), ValueError, "one device.*weight on meta"),
         (lambda x, w: add_layer_norm(x, x[:, :4], w), ValueError, "residual must have x's shape"),
-        (lambda x, w: add_layer_norm(x, x.half(), w), TypeError, "residual must have x's dtype"),
+        (lambda x, w: add_layer_norm(x, x.long(), w), TypeError, "residual must be float32"),
+        (lambda x, w: layer_norm(x, w, out_dtype=torch.int8), TypeError, "out_dtype must be None, torch.float32"),
+        (lambda x, w: layer_norm(x, w, out_dtype="bf16"), TypeError, "out_dtype must be"),
         (lambda x, w: layer_norm(torch.randn(3, 0), torch.ones(0)), ValueError, "last dimension"),
     ],
 )
