@@ -48,7 +48,7 @@ def saved_for_backward(run: Callable[[], torch.Tensor], parameters: list) -> lis
 def audit(batch: int, context: int, dtype: torch.dtype) -> list[dict]:
     from fusedgpt.model.config import GPTConfig
 
-    config = GPTConfig.from_preset("gpt2", context_length=context, kernels="triton")
+    config = GPTConfig.from_preset("gpt2", context_length=context, backend="triton")
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters and inputs are created in the audited dtype
     try:

@@ -7,7 +7,7 @@ On CUDA it reports tokens/s and MFU (against the GPU's dense bf16 peak) for fuse
 its Triton kernels, with the reference ops, and for the plain GPT-2 of ``bench/plain_gpt.py``
 (SDPA attention, ``F.cross_entropy`` on full logits). On CPU the kernels would run in the
 interpreter, which says nothing about speed, so it compares fusedgpt's fallback path
-(``kernels="torch"``) with the plain model, timed alternately in the same run with the same
+(``backend="torch"``) with the plain model, timed alternately in the same run with the same
 weights and batches, and prints the ratio: the fallback must not be slower than the usual way.
 """
 
@@ -68,14 +68,14 @@ def main(argv: Optional[list] = None) -> int:
     cuda = device.type == "cuda"
     preset = args.preset or ("gpt2" if cuda else "small")
     sizes = {"context_length": args.context} if args.context else {}
-    config = GPTConfig.from_preset(preset, kernels="torch", **sizes)
+    config = GPTConfig.from_preset(preset, backend="torch", **sizes)
     batch = args.batch or (8 if cuda else 4)
     t = config.context_length
     torch.manual_seed(0)
     reference_model = GPT(config).to(device)
     providers = {"fusedgpt (reference ops)": reference_model}
     if cuda:
-        kernels_model = GPT(GPTConfig.from_preset(preset, kernels="triton", **sizes)).to(device)
+        kernels_model = GPT(GPTConfig.from_preset(preset, backend="triton", **sizes)).to(device)
         kernels_model.load_state_dict(reference_model.state_dict())
         providers = {"fusedgpt (Triton kernels)": kernels_model, **providers}
     plain = PlainGPT(config, attention="sdpa").to(device)

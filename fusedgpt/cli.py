@@ -36,7 +36,7 @@ KERNEL_COMMANDS = (
 # What the commands raise on purpose, with a message written for the user: bad options and
 # input (ValueError, and the project's errors derived from it: CheckpointError, DataError,
 # FinetuneDataError, TokenizerFileError), files that cannot be read or written (OSError), a
-# diverged run, and --kernels triton where the kernels cannot run. Anything else is a bug,
+# diverged run, and --backend triton where the kernels cannot run. Anything else is a bug,
 # and its traceback is kept.
 USER_ERRORS = (ValueError, OSError, TrainingDiverged, BackendUnavailableError)
 

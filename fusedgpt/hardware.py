@@ -1,6 +1,6 @@
-"""The machine the model runs on: which device a ``--device`` choice means, the kernels and
-autocast that suit it, the ``--device`` and ``--kernels`` options every command that runs a
-model takes, and the peak throughput of the GPUs that MFU and %-of-peak figures are
+"""The machine the model runs on: which device a ``--device`` choice means, the backend
+(fused Triton kernels or reference ops) and autocast that suit it, the ``--device`` and
+``--backend`` options every command that runs a model takes, and the peak throughput of the GPUs that MFU and %-of-peak figures are
 measured against."""
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def device_name(text: str) -> str:
 
 
 def add_device_arguments(parser: argparse.ArgumentParser, *, keep_unset: bool = False) -> None:
-    """Add ``--device`` (default ``"auto"``) and ``--kernels`` (default None: see
-    :func:`choose_kernels`) to a command's parser.
+    """Add ``--device`` (default ``"auto"``) and ``--backend`` (default None: see
+    :func:`choose_backend`) to a command's parser.
 
     Args:
         keep_unset: leave an option that was not typed out of the namespace
@@ -62,11 +62,11 @@ def add_device_arguments(parser: argparse.ArgumentParser, *, keep_unset: bool = 
     group = parser.add_argument_group("device")
     group.add_argument("--device", type=device_name, default=argparse.SUPPRESS if keep_unset else "auto",
                        help=f"{DEVICE_NAMES} (default: auto, which is CUDA when available)")
-    group.add_argument("--kernels", choices=BACKENDS, default=argparse.SUPPRESS if keep_unset else None,
+    group.add_argument("--backend", choices=BACKENDS, default=argparse.SUPPRESS if keep_unset else None,
                        help="auto|triton|torch (default: auto on CUDA, torch on CPU)")
 
 
-def choose_kernels(device: torch.device, requested: Optional[str] = None) -> str:
+def choose_backend(device: torch.device, requested: Optional[str] = None) -> str:
     """``requested`` when given; else the fused Triton kernels (``"auto"``) on CUDA and the
     reference ops (``"torch"``) elsewhere: the Triton interpreter is for verification and
     far too slow to train or generate with."""

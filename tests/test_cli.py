@@ -41,7 +41,7 @@ def test_every_model_command_takes_the_same_device_options():
     commands = dict(subcommand_parsers(cli.build_parser()))
     for name in MODEL_COMMANDS:
         options = {s for a in commands[f"fusedgpt {name}"]._actions for s in a.option_strings}
-        assert {"--device", "--kernels"} <= options, name
+        assert {"--device", "--backend"} <= options, name
 
 
 @pytest.mark.parametrize("command", MODEL_COMMANDS)
@@ -89,3 +89,9 @@ def test_an_internal_bug_keeps_its_traceback(monkeypatch, bug):
     monkeypatch.setattr(trainer, "run", broken)
     with pytest.raises(type(bug)):
         cli.main(["train"])
+
+
+def test_options_stored_before_the_backend_rename_still_read():
+    # Runs saved before "kernels" was renamed "backend" store it in their training options.
+    assert trainer.TrainConfig.from_dict({"kernels": "torch"}).backend == "torch"
+    assert trainer.TrainConfig.from_dict({"kernels": "torch", "backend": "auto"}).backend == "auto"

@@ -159,14 +159,14 @@ class Checkpoint:
     def step(self) -> int:
         return int(self.meta["step"])
 
-    def model_config(self, config_class: type[ConfigT], kernels: str) -> ConfigT:
+    def model_config(self, config_class: type[ConfigT], backend: str) -> ConfigT:
         """The stored model's configuration as ``config_class`` (which has ``from_dict``),
-        to run on ``kernels``."""
+        to run on ``backend``."""
         stored = self.meta.get("model")
         if not isinstance(stored, dict):
             raise CheckpointError(f"checkpoint {self.path} records no model configuration")
         try:
-            return config_class.from_dict({**stored, "kernels": kernels})
+            return config_class.from_dict({**stored, "backend": backend})
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {self.path} records an invalid model configuration: {exc}") from exc
 

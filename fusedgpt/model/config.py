@@ -6,7 +6,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-KERNEL_CHOICES = ("auto", "triton", "torch")
+from fusedgpt.kernels.backend import BACKENDS
+
+# Earlier checkpoints stored ``backend`` under this name; reading them maps it.
+LEGACY_BACKEND_KEY = "kernels"
 
 
 @dataclasses.dataclass
@@ -23,8 +26,8 @@ class GPTConfig:
         pad_vocab_multiple: round the embedding/head rows up to a multiple of this (64 gives
             tensor-core-friendly shapes); padded rows are never returned as logits and never
             enter the loss. 1 means no padding.
-        kernels: ``"auto"``, ``"triton"`` or ``"torch"``, passed as ``backend=`` to every
-            fused op the model calls.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``, passed as ``backend=`` to every
+            fused op the model calls (see :mod:`fusedgpt.kernels.backend`).
     """
 
     vocab_size: int = 50257
@@ -36,7 +39,7 @@ class GPTConfig:
     bias: bool = True
     tie_weights: bool = True
     pad_vocab_multiple: int = 1
-    kernels: str = "auto"
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd", "pad_vocab_multiple"):
@@ -50,8 +53,8 @@ class GPTConfig:
         for name in ("bias", "tie_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"GPTConfig: {name} must be a bool, got {getattr(self, name)!r}")
-        if self.kernels not in KERNEL_CHOICES:
-            raise ValueError(f"GPTConfig: kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"GPTConfig: backend must be one of {BACKENDS}, got {self.backend!r}")
 
     @property
     def head_dim(self) -> int:
@@ -76,12 +79,24 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "GPTConfig":
-        """The inverse of :meth:`to_dict`; unknown keys are an error, missing ones take defaults."""
+        """The inverse of :meth:`to_dict`; unknown keys are an error, missing ones take
+        defaults, and a ``kernels`` key (older checkpoints) is read as ``backend``."""
+        values = rename_legacy_backend(values)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"GPTConfig: unknown fields {unknown}; known: {sorted(known)}")
         return cls(**values)
+
+
+def rename_legacy_backend(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with an older ``kernels`` key renamed ``backend`` (a ``backend`` key, when
+    both are there, wins: it is the newer)."""
+    if LEGACY_BACKEND_KEY not in values:
+        return values
+    renamed = {k: v for k, v in values.items() if k != LEGACY_BACKEND_KEY}
+    renamed.setdefault("backend", values[LEGACY_BACKEND_KEY])
+    return renamed
 
 
 # The four released GPT-2 sizes (vocabulary 50257, 1024 positions), then small models for CPU

@@ -19,7 +19,7 @@ from typing import Iterator, Optional, Union
 
 import torch
 
-from fusedgpt.hardware import add_device_arguments, choose_kernels, resolve_device
+from fusedgpt.hardware import add_device_arguments, choose_backend, resolve_device
 from fusedgpt.io.checkpoint import open_checkpoint
 from fusedgpt.model.config import GPTConfig
 from fusedgpt.model.gpt import GPT, KVCache
@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     from fusedgpt.model.tokenizer import get_tokenizer
 
     device = resolve_device(args.device)
-    model, trained_tokenizer = load_for_generation(args.checkpoint, kernels=choose_kernels(device, args.kernels))
+    model, trained_tokenizer = load_for_generation(args.checkpoint, backend=choose_backend(device, args.backend))
     model.to(device)
     tokenizer = get_tokenizer(args.tokenizer or trained_tokenizer or "gpt2")
     if tokenizer.n_vocab > model.config.vocab_size:
@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_for_generation(checkpoint: Union[str, os.PathLike], *, kernels: str = "auto") -> tuple[GPT, Optional[str]]:
+def load_for_generation(checkpoint: Union[str, os.PathLike], *, backend: str = "auto") -> tuple[GPT, Optional[str]]:
     """A model in eval mode, and the tokenizer it was trained with where the checkpoint says.
 
     ``checkpoint`` is a training checkpoint directory or run directory (``meta.json`` +
@@ -241,7 +241,7 @@ def load_for_generation(checkpoint: Union[str, os.PathLike], *, kernels: str = "
     path = Path(checkpoint)
     if path.is_dir() and not (path / "config.json").is_file():
         trained = open_checkpoint(path)
-        model = GPT(trained.model_config(GPTConfig, kernels))
+        model = GPT(trained.model_config(GPTConfig, backend))
         trained.load_weights(model)
         return model.eval(), trained.meta.get("tokenizer")
-    return GPT.from_pretrained(checkpoint, kernels=kernels), None
+    return GPT.from_pretrained(checkpoint, backend=backend), None

@@ -110,7 +110,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.dropout = config.dropout
-        self.backend = config.kernels
+        self.backend = config.backend
         self.layer = layer
 
     def forward(self, x: Tensor, cache: Optional[KVCache]) -> Tensor:
@@ -138,9 +138,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, config.bias, config.kernels)
+        self.ln_1 = LayerNorm(config.n_embd, config.bias, config.backend)
         self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = LayerNorm(config.n_embd, config.bias, config.kernels)
+        self.ln_2 = LayerNorm(config.n_embd, config.bias, config.backend)
         self.mlp = MLP(config)
 
     def forward(
@@ -165,7 +165,7 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.context_length, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList(Block(config, layer) for layer in range(config.n_layer)),
-            ln_f=LayerNorm(config.n_embd, config.bias, config.kernels),
+            ln_f=LayerNorm(config.n_embd, config.bias, config.backend),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_weights:
@@ -223,7 +223,7 @@ class GPT(nn.Module):
         vocab = self.config.vocab_size
         if targets is not None:
             head = self.lm_head.weight[:vocab]  # padded rows stay out of the softmax
-            return language_model_loss(x.reshape(B * T, -1), head, targets.reshape(B * T), backend=self.config.kernels)
+            return language_model_loss(x.reshape(B * T, -1), head, targets.reshape(B * T), backend=self.config.backend)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x)[..., :vocab]
@@ -272,7 +272,7 @@ class GPT(nn.Module):
                 ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``, fetched through
                 ``huggingface_hub`` where it is installed and the network allows.
             overrides: GPTConfig fields that do not change the weights' shapes, e.g.
-                ``kernels="torch"``, ``dropout=0.1``, ``pad_vocab_multiple=64``.
+                ``backend="torch"``, ``dropout=0.1``, ``pad_vocab_multiple=64``.
         """
         config, state = hf.load(path, **overrides)
         model = cls(config)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from fusedgpt.hardware import add_device_arguments, autocast, choose_kernels, resolve_device
+from fusedgpt.hardware import add_device_arguments, autocast, choose_backend, resolve_device
 from fusedgpt.model.config import PRESETS, GPTConfig
 from fusedgpt.model.gpt import GPT
 from fusedgpt.io import checkpoint as ckpt
@@ -85,7 +85,7 @@ class Base:
     source: str
 
 
-def load_base(checkpoint: Optional[str], *, preset: str, tokenizer: Optional[str], kernels: str,
+def load_base(checkpoint: Optional[str], *, preset: str, tokenizer: Optional[str], backend: str,
               device: torch.device, seed: int) -> Base:
     """The model to fine-tune: ``checkpoint`` (see the module docstring), or a fresh
     ``preset`` model initialised from ``seed`` with the tokenizer's vocabulary."""
@@ -96,10 +96,10 @@ def load_base(checkpoint: Optional[str], *, preset: str, tokenizer: Optional[str
     if checkpoint is None:
         name = tokenizer or "gpt2"
         encoding = get_tokenizer(name)
-        model = GPT(GPTConfig.from_preset(preset, vocab_size=encoding.n_vocab, kernels=kernels))
+        model = GPT(GPTConfig.from_preset(preset, vocab_size=encoding.n_vocab, backend=backend))
         source = f"a randomly initialised {preset!r} model (no --checkpoint)"
     else:
-        model, trained_tokenizer = load_for_generation(checkpoint, kernels=kernels)
+        model, trained_tokenizer = load_for_generation(checkpoint, backend=backend)
         name = tokenizer or trained_tokenizer or "gpt2"
         encoding = get_tokenizer(name)
         source = checkpoint
@@ -200,7 +200,7 @@ def save(out: PathLike, step: int, model: torch.nn.Module, meta: dict[str, Any])
     return ckpt.save_checkpoint(out, step, weights, None, meta, keep_last=1)
 
 
-def open_finetuned(path: PathLike, task: str, *, kernels: str) -> tuple[ckpt.Checkpoint, GPT]:
+def open_finetuned(path: PathLike, task: str, *, backend: str) -> tuple[ckpt.Checkpoint, GPT]:
     """A verified fine-tuning checkpoint of ``task`` and an empty GPT of its shape (with
     its LoRA adapters, if it kept them unmerged), ready for ``load_weights``.
 
@@ -212,7 +212,7 @@ def open_finetuned(path: PathLike, task: str, *, kernels: str) -> tuple[ckpt.Che
     if found != task:
         what = f"a fine-tuning checkpoint of task {found!r}" if found else "a pretraining checkpoint"
         raise ckpt.CheckpointError(f"{checkpoint.path} is {what}, not of task {task!r}")
-    model = GPT(checkpoint.model_config(GPTConfig, kernels))
+    model = GPT(checkpoint.model_config(GPTConfig, backend))
     if checkpoint.meta.get("lora"):
         apply_lora(model, LoRAConfig.from_dict(checkpoint.meta["lora"]))
     return checkpoint, model.eval()
@@ -265,7 +265,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 def base_from_args(args: argparse.Namespace) -> Base:
     device = resolve_device(args.device)
     return load_base(args.checkpoint, preset=args.preset, tokenizer=args.tokenizer,
-                     kernels=choose_kernels(device, args.kernels), device=device, seed=args.seed)
+                     backend=choose_backend(device, args.backend), device=device, seed=args.seed)
 
 
 def pad_sequences(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:

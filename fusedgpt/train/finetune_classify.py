@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from fusedgpt.hardware import add_device_arguments, autocast, choose_kernels, resolve_device
+from fusedgpt.hardware import add_device_arguments, autocast, choose_backend, resolve_device
 from fusedgpt.kernels import cross_entropy
 from fusedgpt.model.gpt import GPT
 from fusedgpt.train import finetune
@@ -155,7 +155,7 @@ class Evaluation:
 def evaluate(model: GPTClassifier, data: EncodedTexts, pad_id: int, device: torch.device) -> Evaluation:
     logits = class_logits(model, data.tokens, pad_id, device)
     labels = torch.tensor(data.labels, dtype=torch.long)
-    loss = cross_entropy(logits, labels, backend=model.gpt.config.kernels).item()
+    loss = cross_entropy(logits, labels, backend=model.gpt.config.backend).item()
     predictions = logits.argmax(dim=-1)
     return Evaluation(loss, (predictions == labels).float().mean().item(), predictions.tolist())
 
@@ -200,7 +200,7 @@ class TextClassifier:
         return [self.classes[i] for i in self.probabilities(texts).argmax(dim=-1).tolist()]
 
 
-def load_classifier(path: str, *, kernels: str = "auto", device: str = "cpu") -> TextClassifier:
+def load_classifier(path: str, *, backend: str = "auto", device: str = "cpu") -> TextClassifier:
     """The classifier saved by ``fusedgpt finetune-classify`` in ``path`` (its output
     directory or checkpoint directory).
 
@@ -209,7 +209,7 @@ def load_classifier(path: str, *, kernels: str = "auto", device: str = "cpu") ->
     """
     from fusedgpt.model.tokenizer import get_tokenizer
 
-    checkpoint, gpt = finetune.open_finetuned(path, TASK, kernels=kernels)
+    checkpoint, gpt = finetune.open_finetuned(path, TASK, backend=backend)
     meta = checkpoint.meta
     model = GPTClassifier(gpt, len(meta["classes"]))
     checkpoint.load_weights(model)
@@ -264,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
 
     base = finetune.base_from_args(args)
     device = base.model.transformer.wte.weight.device
-    print(f"start: {base.source}; tokenizer {base.tokenizer_name}; kernels={base.model.config.kernels}; device {device}")
+    print(f"start: {base.source}; tokenizer {base.tokenizer_name}; backend={base.model.config.backend}; device {device}")
     context = base.model.config.context_length
     max_length = context if args.max_length is None else args.max_length
     if max_length > context:
@@ -295,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
         idx, lengths = _batch([train_data.tokens[i] for i in indices], pad_id, device)
         labels = torch.tensor([train_data.labels[i] for i in indices], dtype=torch.long, device=device)
         logits = model(idx, lengths)
-        loss = cross_entropy(logits, labels, backend=model.gpt.config.kernels)
+        loss = cross_entropy(logits, labels, backend=model.gpt.config.backend)
         correct = (logits.argmax(dim=-1) == labels).sum().item()
         return loss, {"loss": loss.item() * len(indices), "correct": correct, "count": len(indices)}
 
@@ -361,7 +361,7 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     """``fusedgpt classify``: one line per text, ``label<TAB>probability<TAB>text``."""
     device = resolve_device(args.device)
-    classifier = load_classifier(args.checkpoint, kernels=choose_kernels(device, args.kernels), device=str(device))
+    classifier = load_classifier(args.checkpoint, backend=choose_backend(device, args.backend), device=str(device))
     probabilities = classifier.probabilities(args.texts)
     for text, row in zip(args.texts, probabilities):
         best = int(row.argmax())

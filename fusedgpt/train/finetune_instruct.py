@@ -160,12 +160,12 @@ def respond(model: GPT, tokenizer: Any, prompts: Sequence[str], max_new_tokens: 
     return responses
 
 
-def load_instruction_model(path: str, *, kernels: str = "auto", device: str = "cpu") -> tuple[GPT, Any, PromptTemplate]:
+def load_instruction_model(path: str, *, backend: str = "auto", device: str = "cpu") -> tuple[GPT, Any, PromptTemplate]:
     """The model saved by ``fusedgpt finetune-instruct`` (adapters included, if unmerged),
     its tokenizer and its prompt template."""
     from fusedgpt.model.tokenizer import get_tokenizer
 
-    checkpoint, model = finetune.open_finetuned(path, TASK, kernels=kernels)
+    checkpoint, model = finetune.open_finetuned(path, TASK, backend=backend)
     checkpoint.load_weights(model)
     meta = checkpoint.meta
     return model.to(resolve_device(device)), get_tokenizer(meta["tokenizer"]), TEMPLATES[meta["template"]]
@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     base = finetune.base_from_args(args)
     model, tokenizer = base.model, base.tokenizer
     device = model.transformer.wte.weight.device
-    print(f"start: {base.source}; tokenizer {base.tokenizer_name}; kernels={model.config.kernels}; device {device}")
+    print(f"start: {base.source}; tokenizer {base.tokenizer_name}; backend={model.config.backend}; device {device}")
     data = {}
     for name, items in examples.items():
         data[name], truncated = encode_instructions(items, tokenizer, template, model.config.context_length)

@@ -31,8 +31,9 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from fusedgpt.hardware import add_device_arguments, autocast, bf16_peak_flops, choose_kernels
-from fusedgpt.model.config import KERNEL_CHOICES, PRESETS, GPTConfig
+from fusedgpt.hardware import add_device_arguments, autocast, bf16_peak_flops, choose_backend
+from fusedgpt.kernels.backend import BACKENDS
+from fusedgpt.model.config import PRESETS, GPTConfig, rename_legacy_backend
 from fusedgpt.model.gpt import GPT
 from fusedgpt.io import checkpoint as ckpt
 from fusedgpt.train import data as data_mod
@@ -62,7 +63,7 @@ class TrainConfig:
             ``model`` sets it).
         min_lr: end of the cosine; None = ``lr / 10``.
         save_every: 0 = only at the end (and on Ctrl-C).
-        kernels: None = ``"auto"`` on CUDA, ``"torch"`` (the reference ops) on CPU: the Triton
+        backend: None = ``"auto"`` on CUDA, ``"torch"`` (the reference ops) on CPU: the Triton
             interpreter is for verification and far too slow to train with.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (one process only; under
             torchrun every process takes ``cuda:LOCAL_RANK``).
@@ -90,7 +91,7 @@ class TrainConfig:
     save_every: int = 0
     keep_last: int = 2
     seed: int = 1337
-    kernels: Optional[str] = None
+    backend: Optional[str] = None
     device: str = "auto"
     resume: bool = False
     compile: bool = False
@@ -120,11 +121,14 @@ class TrainConfig:
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("grad_clip and weight_decay must be non-negative")
-        if self.kernels is not None and self.kernels not in KERNEL_CHOICES:
-            raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "configuration") -> "TrainConfig":
+        """``values`` as a config; unknown keys are an error, and a ``kernels`` key (the
+        configuration stored by older checkpoints) is read as ``backend``."""
+        values = rename_legacy_backend(values)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -164,10 +168,10 @@ def flops_per_token(model: GPT, context_length: int) -> float:
     return 6.0 * matmul_params + 12.0 * config.n_layer * context_length * config.n_embd
 
 
-def model_config(cfg: TrainConfig, vocab_size: int, kernels: str) -> GPTConfig:
+def model_config(cfg: TrainConfig, vocab_size: int, backend: str) -> GPTConfig:
     """The model ``cfg`` describes: its preset with ``cfg.model`` and ``cfg.context_length``
-    applied, for the data's vocabulary, on ``kernels``."""
-    overrides = {"vocab_size": vocab_size, **cfg.model, "kernels": kernels}
+    applied, for the data's vocabulary, on ``backend``."""
+    overrides = {"vocab_size": vocab_size, **cfg.model, "backend": backend}
     if cfg.context_length is not None:
         overrides["context_length"] = cfg.context_length
     return GPTConfig.from_preset(cfg.preset, **overrides)
@@ -179,7 +183,7 @@ def check_resumable(requested: GPTConfig, checkpoint: ckpt.Checkpoint) -> None:
     Raises:
         ValueError: naming every setting in which ``requested`` differs from the checkpoint's model.
     """
-    stored = checkpoint.model_config(GPTConfig, requested.kernels)
+    stored = checkpoint.model_config(GPTConfig, requested.backend)
     differences = [
         f"{field.name} {getattr(requested, field.name)!r} (the checkpoint has {getattr(stored, field.name)!r})"
         for field in dataclasses.fields(GPTConfig)
@@ -270,7 +274,7 @@ class Trainer:
         data_dir = self._data_dir()
         self.meta = data_mod.read_meta(data_dir)
         self.tokenizer_name = self.meta["tokenizer"]
-        config = model_config(cfg, self.meta["vocab_size"], choose_kernels(self.device, cfg.kernels))
+        config = model_config(cfg, self.meta["vocab_size"], choose_backend(self.device, cfg.backend))
         if self.resume_from is not None:
             check_resumable(config, self.resume_from)
         self.context_length = config.context_length
@@ -511,7 +515,7 @@ class Trainer:
         if main:
             params = self.model.num_parameters()
             _write(bar, f"model: {params / 1e6:.2f} M parameters ({self.model.config.n_layer} layers, "
-                        f"width {self.model.config.n_embd}, context {self.context_length}, kernels={self.model.config.kernels}); "
+                        f"width {self.model.config.n_embd}, context {self.context_length}, backend={self.model.config.backend}); "
                         f"{self.tokens_per_step:,} tokens per step on {self.dist.world_size} x {self.device.type}"
                         f"{' (FSDP)' if cfg.fsdp else ' (DDP)' if self.ddp else ''}; "
                         f"out: {self.out}" + (f"; resuming at step {self.step}" if self.resume_from else ""))

@@ -7,9 +7,9 @@ from fusedgpt.model.generate import filter_logits, generate, stream
 V, CONTEXT = 101, 16
 
 
-def small_model(kernels: str) -> GPT:
+def small_model(backend: str) -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=V, context_length=CONTEXT, n_layer=2, n_head=4, n_embd=64, kernels=kernels)).eval()
+    return GPT(GPTConfig(vocab_size=V, context_length=CONTEXT, n_layer=2, n_head=4, n_embd=64, backend=backend)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,7 @@ def test_command_line_skips_a_damaged_newest_checkpoint_of_a_run(tmp_path, capsy
     from fusedgpt.cli import main
     from fusedgpt.io.checkpoint import save_checkpoint
 
-    config = GPTConfig(vocab_size=50257, context_length=16, n_layer=1, n_head=2, n_embd=16, kernels="torch")
+    config = GPTConfig(vocab_size=50257, context_length=16, n_layer=1, n_head=2, n_embd=16, backend="torch")
     for step in (1, 2):
         model = GPT(config)
         save_checkpoint(tmp_path, step, dict(model.named_parameters()), None, {"model": config.to_dict(), "tokenizer": "gpt2"})
@@ -181,6 +181,19 @@ def test_command_line_skips_a_damaged_newest_checkpoint_of_a_run(tmp_path, capsy
     assert f"error: checkpoint {damaged.parent} is damaged: model.safetensors" in capsys.readouterr().err
 
 
+def test_a_checkpoint_from_before_the_backend_rename_loads(tmp_path):
+    from fusedgpt.io.checkpoint import save_checkpoint
+    from fusedgpt.model.generate import load_for_generation
+
+    config = GPTConfig(vocab_size=50257, context_length=16, n_layer=1, n_head=2, n_embd=16, backend="torch")
+    model = GPT(config)
+    legacy = {("kernels" if key == "backend" else key): value for key, value in config.to_dict().items()}
+    save_checkpoint(tmp_path, 1, dict(model.named_parameters()), None, {"model": legacy, "tokenizer": "gpt2"})
+    loaded, tokenizer = load_for_generation(tmp_path, backend="torch")
+    assert loaded.config == config and tokenizer == "gpt2"
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict(), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kind", ["hugging-face", "training"])
 def test_command_line_streams_the_greedy_continuation(kind, tmp_path, capsys):
     from fusedgpt.cli import main
@@ -189,7 +202,7 @@ def test_command_line_streams_the_greedy_continuation(kind, tmp_path, capsys):
 
     torch.manual_seed(0)
     tokenizer = get_tokenizer("gpt2")
-    config = GPTConfig(vocab_size=tokenizer.n_vocab, context_length=32, n_layer=1, n_head=2, n_embd=32, kernels="torch")
+    config = GPTConfig(vocab_size=tokenizer.n_vocab, context_length=32, n_layer=1, n_head=2, n_embd=32, backend="torch")
     model = GPT(config).eval()
     if kind == "hugging-face":
         model.save_pretrained(tmp_path)
@@ -201,5 +214,5 @@ def test_command_line_streams_the_greedy_continuation(kind, tmp_path, capsys):
     new = generate(model, idx, 12, temperature=0, eos_id=tokenizer.eot_token)[0, idx.shape[1]:].tolist()
     new = new[: new.index(tokenizer.eot_token)] if tokenizer.eot_token in new else new
     assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "12",
-                 "--temperature", "0", "--kernels", "torch", "--device", "cpu"]) == 0
+                 "--temperature", "0", "--backend", "torch", "--device", "cpu"]) == 0
     assert capsys.readouterr().out == prompt + tokenizer.decode(new) + "\n"

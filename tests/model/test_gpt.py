@@ -51,14 +51,14 @@ def test_cpu_presets_are_small():
 
 
 def test_config_round_trip_and_overrides():
-    config = GPTConfig.from_preset("small", vocab_size=4096, pad_vocab_multiple=64, kernels="torch")
+    config = GPTConfig.from_preset("small", vocab_size=4096, pad_vocab_multiple=64, backend="torch")
     assert (config.n_layer, config.vocab_size, config.padded_vocab_size) == (PRESETS["small"]["n_layer"], 4096, 4096)
     assert GPTConfig.from_dict(config.to_dict()) == config
     assert GPTConfig(pad_vocab_multiple=64).padded_vocab_size == 50304
 
 
 @pytest.mark.parametrize(
-    "bad", [dict(n_embd=100, n_head=3), dict(n_layer=0), dict(dropout=1.0), dict(kernels="cuda"),
+    "bad", [dict(n_embd=100, n_head=3), dict(n_layer=0), dict(dropout=1.0), dict(backend="cuda"),
             dict(vocab_size=2.5), dict(bias="yes")],
     ids=str,
 )
@@ -96,8 +96,8 @@ def test_model_parity_triton_vs_torch(variant):
     """The model on the kernels (interpreter) against itself on the references in float64:
     logits, loss and the gradient of every parameter."""
     torch.manual_seed(0)
-    fused = GPT(small_config(kernels="triton", **variant))
-    oracle = GPT(small_config(kernels="torch", **variant))
+    fused = GPT(small_config(backend="triton", **variant))
+    oracle = GPT(small_config(backend="torch", **variant))
     idx = tokens(2, T)
     targets = shifted_targets(idx)
 
@@ -110,7 +110,7 @@ def test_model_parity_triton_vs_torch(variant):
 
 
 def test_padded_vocabulary_rows_never_count():
-    model = GPT(small_config(pad_vocab_multiple=64, kernels="torch"))
+    model = GPT(small_config(pad_vocab_multiple=64, backend="torch"))
     idx = tokens(2, T)
     before = model(idx), model(idx, shifted_targets(idx))
     with torch.no_grad():
@@ -136,11 +136,11 @@ def test_kv_cache_gives_the_same_logits():
     assert cache.length == T
 
 
-@pytest.mark.parametrize("kernels", ["torch", "triton"])
-def test_dropout_only_in_training(kernels):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_dropout_only_in_training(backend):
     torch.manual_seed(0)
-    model = GPT(small_config(dropout=0.2, kernels=kernels))
-    plain = GPT(small_config(kernels=kernels))
+    model = GPT(small_config(dropout=0.2, backend=backend))
+    plain = GPT(small_config(backend=backend))
     plain.load_state_dict(model.state_dict())
     idx = tokens(2, 9)
     targets = shifted_targets(idx)
@@ -198,11 +198,11 @@ def test_torch_compile_traces_without_graph_breaks():
 )
 def test_forward_rejects_bad_idx(idx, error, match):
     with pytest.raises(error, match=match):
-        GPT(small_config(kernels="torch"))(idx)
+        GPT(small_config(backend="torch"))(idx)
 
 
 def test_forward_rejects_bad_targets_and_full_cache():
-    model = GPT(small_config(kernels="torch"))
+    model = GPT(small_config(backend="torch"))
     with pytest.raises(ValueError, match="targets"):
         model(tokens(2, 5), tokens(2, 4))
     with pytest.raises(TypeError, match="targets"):

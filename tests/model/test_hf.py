@@ -46,11 +46,11 @@ def ours_logits_and_loss(model: GPT):
         return model(IDX), model(IDX, targets)
 
 
-@pytest.mark.parametrize("kernels", ["torch", "triton"])
-def test_load_matches_transformers(hf_dir, kernels):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_load_matches_transformers(hf_dir, backend):
     directory, reference = hf_dir
-    model = GPT.from_pretrained(directory, kernels=kernels)
-    assert not model.training and model.config.kernels == kernels
+    model = GPT.from_pretrained(directory, backend=backend)
+    assert not model.training and model.config.backend == backend
     logits, loss = ours_logits_and_loss(model)
     expected_logits, expected_loss = hf_logits_and_loss(reference)
     torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=0)
@@ -69,12 +69,12 @@ def test_export_of_a_model_without_biases_or_tying(tmp_path):
     """Zero biases stand in for absent ones and an untied head is written: same logits."""
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=V, context_length=64, n_layer=2, n_head=4, n_embd=64,
-                       bias=False, tie_weights=False, pad_vocab_multiple=64, kernels="torch")
+                       bias=False, tie_weights=False, pad_vocab_multiple=64, backend="torch")
     model = GPT(config).eval()
     model.save_pretrained(tmp_path)
     exported = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(hf_logits_and_loss(exported)[0], ours_logits_and_loss(model)[0], atol=1e-4, rtol=0)
-    reloaded = GPT.from_pretrained(tmp_path, kernels="torch")
+    reloaded = GPT.from_pretrained(tmp_path, backend="torch")
     assert not reloaded.config.tie_weights
     torch.testing.assert_close(ours_logits_and_loss(reloaded)[0], ours_logits_and_loss(model)[0])
 
@@ -86,7 +86,7 @@ def test_legacy_pytorch_model_bin(hf_dir, tmp_path):
     state["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
     torch.save(state, tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text((directory / "config.json").read_text())
-    logits, _ = ours_logits_and_loss(GPT.from_pretrained(tmp_path, kernels="torch"))
+    logits, _ = ours_logits_and_loss(GPT.from_pretrained(tmp_path, backend="torch"))
     torch.testing.assert_close(logits, hf_logits_and_loss(reference)[0], atol=1e-4, rtol=0)
 
 
@@ -125,7 +125,7 @@ def test_missing_files(tmp_path):
     ids=["garbage-weights", "truncated-weights", "config-without-vocab-size", "config-not-json", "garbage-pickle"],
 )
 def test_damaged_files_are_value_errors_naming_the_file(tmp_path, damage, message):
-    GPT(GPTConfig(vocab_size=V, context_length=16, n_layer=1, n_head=2, n_embd=16, kernels="torch")).save_pretrained(tmp_path)
+    GPT(GPTConfig(vocab_size=V, context_length=16, n_layer=1, n_head=2, n_embd=16, backend="torch")).save_pretrained(tmp_path)
     damage(tmp_path)
     with pytest.raises(ValueError, match=re.escape(str(tmp_path)) + ".*" + message):
         GPT.from_pretrained(tmp_path)

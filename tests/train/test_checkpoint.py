@@ -23,7 +23,7 @@ def save(out, step, model, optimizer, meta=None, **kwargs):
 
 def model_and_optimizer(seed: int = 0):
     torch.manual_seed(seed)
-    model = GPT(GPTConfig.from_preset("tiny", vocab_size=97, n_embd=16, n_head=2, context_length=8, kernels="torch"))
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=97, n_embd=16, n_head=2, context_length=8, backend="torch"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     idx = torch.randint(0, 97, (2, 8))
     model(idx, idx).backward()
@@ -173,7 +173,7 @@ def test_a_run_directory_falls_back_past_damaged_checkpoints(tmp_path):
 def test_weights_that_do_not_fit_the_model(tmp_path):
     model, optimizer = model_and_optimizer()
     save(tmp_path, 1, model, optimizer)
-    other = GPT(GPTConfig.from_preset("tiny", vocab_size=97, n_embd=32, n_head=2, context_length=8, kernels="torch"))
+    other = GPT(GPTConfig.from_preset("tiny", vocab_size=97, n_embd=32, n_head=2, context_length=8, backend="torch"))
     with pytest.raises(CheckpointError, match="does not fit the model"):
         ckpt.open_checkpoint(tmp_path).load_weights(other)
 

@@ -21,15 +21,15 @@ from fusedgpt.train.lora import LoRAConfig, apply_lora
 VOCAB = 101
 
 
-def tiny_classifier(num_classes: int = 3, kernels: str = "torch") -> GPTClassifier:
+def tiny_classifier(num_classes: int = 3, backend: str = "torch") -> GPTClassifier:
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=VOCAB, context_length=24, n_layer=2, n_head=2, n_embd=32, kernels=kernels)
+    config = GPTConfig(vocab_size=VOCAB, context_length=24, n_layer=2, n_head=2, n_embd=32, backend=backend)
     return GPTClassifier(GPT(config), num_classes).eval()
 
 
-@pytest.mark.parametrize("kernels", ["torch", "triton"])
-def test_the_head_reads_the_last_real_token_whatever_the_padding(kernels):
-    model = tiny_classifier(kernels=kernels)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_head_reads_the_last_real_token_whatever_the_padding(backend):
+    model = tiny_classifier(backend=backend)
     texts = [torch.randint(0, VOCAB, (n,)) for n in (7, 1, 12)]
     with torch.no_grad():
         alone = torch.cat([model(t[None], torch.tensor([len(t)])) for t in texts])
@@ -93,7 +93,7 @@ def test_finetune_classify_beats_the_majority_baseline_and_the_saved_classifier_
     assert re.search(r"warning: \d+ of 48 train texts are longer than 4 tokens and were truncated", printed)
     assert "epoch 2: train loss" in printed and "majority-class baseline ('fruit' always) 60.0%" in printed
 
-    classifier = load_classifier(str(out), kernels="torch")
+    classifier = load_classifier(str(out), backend="torch")
     test = toy_rows(20, 1)
     predicted = classifier.predict([r["text"] for r in test])
     accuracy = sum(p == r["label"] for p, r in zip(predicted, test)) / len(test)
@@ -106,7 +106,7 @@ def test_finetune_classify_beats_the_majority_baseline_and_the_saved_classifier_
 
 def test_a_saved_lora_classifier_reloads_to_the_same_probabilities(tmp_path):
     torch.manual_seed(0)
-    gpt = GPT(GPTConfig(vocab_size=50257, context_length=16, n_layer=1, n_head=2, n_embd=16, kernels="torch"))
+    gpt = GPT(GPTConfig(vocab_size=50257, context_length=16, n_layer=1, n_head=2, n_embd=16, backend="torch"))
     lora = LoRAConfig(2, 4.0, ("attn",))
     apply_lora(gpt, lora)
     model = GPTClassifier(gpt, 2)
@@ -116,7 +116,7 @@ def test_a_saved_lora_classifier_reloads_to_the_same_probabilities(tmp_path):
     meta = {"task": "classify", "model": gpt.config.to_dict(), "tokenizer": "gpt2", "classes": ["no", "yes"],
             "max_length": 16, "lora": lora.to_dict()}
     finetune.save(tmp_path, 3, model, meta)
-    reloaded = load_classifier(str(tmp_path), kernels="torch")
+    reloaded = load_classifier(str(tmp_path), backend="torch")
     texts = ["To be, or not to be", "that is the question"]
     from fusedgpt.model.tokenizer import get_tokenizer
 
@@ -160,7 +160,7 @@ def test_bad_input_gives_a_clear_error(tmp_path, capsys, files, extra, message):
 
 
 def test_classify_refuses_a_checkpoint_that_is_not_a_classifier(tmp_path, capsys):
-    gpt = GPT(GPTConfig(vocab_size=VOCAB, context_length=8, n_layer=1, n_head=1, n_embd=8, kernels="torch"))
+    gpt = GPT(GPTConfig(vocab_size=VOCAB, context_length=8, n_layer=1, n_head=1, n_embd=8, backend="torch"))
     finetune.save(tmp_path, 1, gpt, {"task": "instruct", "model": gpt.config.to_dict(), "tokenizer": "gpt2"})
     assert main(["classify", "--checkpoint", str(tmp_path), "some text"]) == 2
     assert "is a fine-tuning checkpoint of task 'instruct', not of task 'classify'" in capsys.readouterr().err

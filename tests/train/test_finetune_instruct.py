@@ -86,8 +86,8 @@ def test_finetune_instruct_end_to_end_with_lora_merged(tmp_path, capsys):
     assert all(isinstance(r["response"], str) for r in responses)
 
     # Merged: the checkpoint and the GPT-2 export are plain GPTs with the same weights.
-    model, tokenizer, template = load_instruction_model(str(out), kernels="torch")
-    exported = GPT.from_pretrained(out / "hf", kernels="torch")
+    model, tokenizer, template = load_instruction_model(str(out), backend="torch")
+    exported = GPT.from_pretrained(out / "hf", backend="torch")
     idx = torch.tensor([tokenizer.encode_ordinary(template.format(Instruction("Which?", "line 8", "")))])
     with torch.no_grad():
         torch.testing.assert_close(exported(idx), model.eval()(idx))

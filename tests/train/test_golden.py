@@ -27,7 +27,7 @@ ATOL = 1e-4
 
 
 def test_golden_loss_curve(corpus_dir, tmp_path):
-    cfg = tiny_config(corpus_dir, tmp_path, max_steps=STEPS, kernels="torch", sample_tokens=0)
+    cfg = tiny_config(corpus_dir, tmp_path, max_steps=STEPS, backend="torch", sample_tokens=0)
     result = Trainer(cfg).run()
     curve = {"train_loss": result.train_losses, "final_val_loss": result.val_losses[STEPS]}
     if os.environ.get("FUSEDGPT_UPDATE_GOLDEN") == "1":

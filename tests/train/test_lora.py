@@ -16,7 +16,7 @@ N_LAYER, N_EMBD, VOCAB = 2, 32, 97
 
 def tiny_gpt(seed: int = 0) -> GPT:
     torch.manual_seed(seed)
-    config = GPTConfig(vocab_size=VOCAB, context_length=16, n_layer=N_LAYER, n_head=2, n_embd=N_EMBD, kernels="torch")
+    config = GPTConfig(vocab_size=VOCAB, context_length=16, n_layer=N_LAYER, n_head=2, n_embd=N_EMBD, backend="torch")
     return GPT(config)
 
 

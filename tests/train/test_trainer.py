@@ -186,7 +186,7 @@ def test_lr_warmup_then_cosine_to_min_lr():
 
 
 def test_weight_decay_on_matrices_only():
-    model = GPT(GPTConfig.from_preset("tiny", vocab_size=50, n_embd=16, n_head=2, kernels="torch"))
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=50, n_embd=16, n_head=2, backend="torch"))
     decay, no_decay = make_optimizer(model, TrainConfig(weight_decay=0.2), torch.device("cpu")).param_groups
     assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
     assert {p.dim() for p in decay["params"]} == {2} and {p.dim() for p in no_decay["params"]} == {1}
