@@ -77,6 +77,40 @@ def add_rms_norm(
     return rms_norm(summed, weight, eps, offset, out_dtype=out_dtype or x.dtype), summed
 
 
+def apply_rotary(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Tensor] = None, interleaved: bool = False
+) -> tuple[Tensor, Tensor]:
+    """RoPE: q (B, T, H, D) and k (B, T, H_kv, D) rotated pairwise by the rows of cos/sin
+    (max_len, D/2) at ``positions`` ((T,) or (B, T); None = 0..T-1). Pairs are
+    (x[i], x[i + D/2]), or (x[2i], x[2i+1]) when ``interleaved``. A position outside the
+    table gives NaN outputs, as the kernel does."""
+    t = q.shape[1]
+    if positions is None:
+        positions = torch.arange(t, device=q.device)
+    valid = (positions >= 0) & (positions < cos.shape[0])
+    rows = torch.where(valid, positions, torch.zeros_like(positions))
+    nan_if_invalid = torch.where(valid, 0.0, float("nan")).unsqueeze(-1)
+
+    def rotate(x: Tensor) -> Tensor:
+        dtype = _compute_dtype(x, cos, sin)
+        c = (cos.to(dtype)[rows] + nan_if_invalid).unsqueeze(-2)  # (T or B, T) -> (..., 1, D/2)
+        s = sin.to(dtype)[rows].unsqueeze(-2)
+        xf = x.to(dtype)
+        a, b = (xf[..., 0::2], xf[..., 1::2]) if interleaved else xf.chunk(2, dim=-1)
+        turned_a, turned_b = a * c - b * s, b * c + a * s
+        if interleaved:
+            return torch.stack((turned_a, turned_b), dim=-1).flatten(-2).to(x.dtype)
+        return torch.cat((turned_a, turned_b), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """``silu(gate) * up``, computed in fp32 (fp64 for fp64 inputs), in gate's dtype."""
+    dtype = _compute_dtype(gate, up)
+    return (F.silu(gate.to(dtype)) * up.to(dtype)).to(gate.dtype)
+
+
 def cross_entropy(
     logits: Tensor,
     target: Tensor,
