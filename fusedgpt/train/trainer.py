@@ -42,21 +42,16 @@ from fusedgpt.train import distributed
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 
-# The embedded job's model: the "small" preset made shallower, narrower and shorter,
-# because with GPT-2's 50,257-token vocabulary the output head is most of the work on a CPU.
-DEFAULT_JOB_MODEL = {"n_layer": 4, "n_head": 4, "n_embd": 128, "context_length": 128}
-
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Everything that defines a training run. The defaults are the embedded job: a small
-    GPT-2-architecture model on the bundled Shakespeare, sized to train on a 2-core CPU in
-    under ten minutes.
+    """Everything that defines a training run. The defaults are the embedded job: the
+    ``mini`` preset on the bundled Shakespeare, sized to train on a 2-core CPU in under ten
+    minutes.
 
     Attributes:
-        preset: a :data:`fusedgpt.model.config.PRESETS` name; ``model`` overrides its fields
-            (by default :data:`DEFAULT_JOB_MODEL`, which :func:`resolve_config` drops when a
-            preset is chosen explicitly).
+        preset: a :data:`fusedgpt.model.config.PRESETS` name.
+        model: GPTConfig fields that override the preset's.
         data: a prepared directory, a text/JSONL file prepared on the fly into
             ``OUT/data``, or None for the bundled Shakespeare.
         context_length: tokens per window; None = the model's (the preset's, unless
@@ -69,8 +64,8 @@ class TrainConfig:
             torchrun every process takes ``cuda:LOCAL_RANK``).
     """
 
-    preset: str = "small"
-    model: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_JOB_MODEL))
+    preset: str = "mini"
+    model: dict = dataclasses.field(default_factory=dict)
     data: Optional[str] = None
     out: str = "runs/shakespeare"
     tokenizer: str = "gpt2"
@@ -608,7 +603,7 @@ _FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("val_fraction", float, "validation share for on-the-fly preparation"),
     ("max_steps", int, "optimizer steps"),
     ("batch_size", int, "windows per micro-batch per process"),
-    ("context_length", int, "tokens per window (default: the model's: the preset's, 128 for the embedded job)"),
+    ("context_length", int, "tokens per window (default: the model's, i.e. the preset's)"),
     ("grad_accum", int, "micro-batches per optimizer step per process"),
     ("lr", float, "peak learning rate"),
     ("min_lr", float, "final learning rate (default lr/10)"),
@@ -655,8 +650,7 @@ def resolve_config(flags: dict[str, Any], config_file: Optional[str] = None) -> 
     ``resume_from``, so the checkpoint is read once).
 
     ``flags`` maps TrainConfig fields to values, and ``"model.FIELD"`` to GPTConfig overrides;
-    model overrides from the TOML ``[model]`` table and flags add to the resumed run's, or
-    else to :data:`DEFAULT_JOB_MODEL` unless a preset is named.
+    model overrides from the TOML ``[model]`` table and flags add to the resumed run's.
     """
     values: dict[str, Any] = {}
     if config_file is not None:
@@ -681,12 +675,9 @@ def resolve_config(flags: dict[str, Any], config_file: Optional[str] = None) -> 
         stored = resume_from.meta.get("train")
         if not isinstance(stored, dict):
             raise ckpt.CheckpointError(f"checkpoint {resume_from.path} records no training configuration")
-        base_model = stored.get("model", {})
+        model = {**stored.get("model", {}), **model}
         values = {**stored, **values}
-    else:
-        # An explicitly chosen preset means that preset, not the embedded job's variant of it.
-        base_model = {} if "preset" in values else DEFAULT_JOB_MODEL
-    values["model"] = {**base_model, **model}
+    values["model"] = model
     return TrainConfig.from_dict(values, source=config_file or "configuration"), resume_from
 
 

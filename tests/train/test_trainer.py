@@ -17,7 +17,6 @@ from fusedgpt.model.config import PRESETS, GPTConfig
 from fusedgpt.model.gpt import GPT
 from fusedgpt.io import checkpoint as ckpt
 from fusedgpt.train.trainer import (
-    DEFAULT_JOB_MODEL,
     TrainConfig,
     Trainer,
     TrainingDiverged,
@@ -109,11 +108,13 @@ def test_config_precedence_defaults_toml_flags(tmp_path):
     args = build_parser().parse_args(["train", "--config", str(toml), "--lr", "0.1", "--n-embd", "48", "--no-progress"])
     cfg, resume_from = config_from_args(args)
     assert (cfg.lr, cfg.batch_size, cfg.progress) == (0.1, 3, False) and resume_from is None
-    assert cfg.model == {**DEFAULT_JOB_MODEL, "n_layer": 3, "n_embd": 48}
+    assert cfg.preset == "mini" and cfg.model == {"n_layer": 3, "n_embd": 48}
     assert cfg.max_steps == TrainConfig().max_steps
-    # Naming a preset means that preset: the embedded job's model changes no longer apply.
     assert resolve_config({"preset": "tiny", "model.n_layer": 1})[0].model == {"n_layer": 1}
-    assert resolve_config({})[0].model == DEFAULT_JOB_MODEL
+    # The embedded job is a named preset, unchanged: 4 layers of width 128 over 128 tokens.
+    default = resolve_config({})[0]
+    assert (default.preset, default.model) == ("mini", {})
+    assert PRESETS["mini"] == {"n_layer": 4, "n_head": 4, "n_embd": 128, "context_length": 128}
     toml.write_text("learning_rate = 1\n")
     with pytest.raises(ValueError, match="unknown training options \\['learning_rate'\\]"):
         resolve_config({}, str(toml))
