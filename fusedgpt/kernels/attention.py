@@ -51,7 +51,6 @@ dO once per key block; the dQ kernel reads Q, dO once and K, V once per query bl
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Optional
 
@@ -767,58 +766,47 @@ def flash_attention(
 # --------------------------------------------------------------------------- compile report
 
 
-def _aot_signature(kernel, dtype: torch.dtype) -> tuple[dict, tuple]:
-    """Types of every parameter of ``kernel`` — scalars by name, every other runtime
-    parameter a pointer (LSE and DELTA fp32, the rest the activation dtype) — and the ones
-    marked 16-divisible: pointers, strides and the sizes, as for training shapes (T and D
-    multiples of 16)."""
-    from fusedgpt.kernels.compile_report import pointer
+def aot_variants(dtype: torch.dtype, workload=None) -> list:
+    """The launches a training step of ``workload`` (default gpt2) makes, recorded from the
+    launchers on meta tensors laid out as the model's (q, k, v split from one (B, T, 3C)
+    projection; o and dO (B, T, H, D)), causal, with dropout off and on: the forward, the
+    delta preprocess, the dK/dV and the dQ kernels, each autotune config the pruner keeps."""
+    import sys
 
-    floats = ("qk_scale", "softmax_scale", "dropout_p")
-    ints = ("H", "Tq", "Tk", "D", "seed", "q_bucket", "k_bucket")
-    signature, aligned = {}, []
-    # From the Python function, so that this also works under the interpreter (the tests
-    # list the variants there; only the compile itself needs the real JIT kernels).
-    for name, param in inspect.signature(kernel.fn).parameters.items():
-        if "constexpr" in str(param.annotation):
-            signature[name] = "constexpr"
-        elif name in floats:
-            signature[name] = "fp32"
-        elif name in ints or name.startswith("stride_"):
-            signature[name] = "i32"
-            if name not in ("H", "seed", "q_bucket", "k_bucket"):
-                aligned.append(name)
-        else:
-            signature[name] = pointer(torch.float32 if name in ("LSE", "DELTA") else dtype)
-            aligned.append(name)
-    return signature, tuple(aligned)
+    from fusedgpt.kernels import compile_report as cr
 
-
-def aot_variants(dtype: torch.dtype) -> list:
-    """Every (kernel, config) the dispatcher can launch on a GPU for inputs of ``dtype``:
-    each autotune config of the forward, dK/dV and dQ kernels and the delta preprocess, for
-    every head-dim block (64, 128), in their heaviest specialisation (causal, with
-    dropout)."""
-    from fusedgpt.kernels.compile_report import KernelVariant
-
-    dtype_name = str(dtype).removeprefix("torch.")
-    kernels = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+    workload = workload or cr.WORKLOADS["gpt2"]
+    b, t, h, d = workload.batch, workload.seq, workload.heads, workload.head_dim
+    item = torch.empty((), dtype=dtype).element_size()
+    qkv = cr.meta_tensor(b, t, 3 * h * d, dtype=dtype)
+    q, k, v = (x.view(b, t, h, d).transpose(1, 2) for x in qkv.split(h * d, dim=2))
+    o = cr.meta_tensor(b, t, h, d, dtype=dtype).transpose(1, 2)
+    lse = cr.meta_tensor(b, h, t, dtype=torch.float32)
+    # Per head, causal: T (T + 1) / 2 query-key pairs. Bytes the pass must move per 1K
+    # pairs: q, k, v, o and the fp32 logsumexp forward; backward q, k, v, o, dO read, dQ,
+    # dK, dV written, logsumexp read, delta written and read.
+    per_head = t * (t + 1) / 2 / 1024
+    passes = {
+        "fwd": dict(min_bytes=(4 * t * d * item + 4 * t) / per_head, mma_flops=2 * 2 * d * 1024),
+        "bwd": dict(min_bytes=(8 * t * d * item + 12 * t) / per_head, mma_flops=5 * 2 * d * 1024),
+    }
+    module = sys.modules[__name__]
     found = []
-    for block_d in HEAD_DIM_BLOCKS:
-        flags = dict(BLOCK_D=block_d, CAUSAL=True, HAS_DROPOUT=True, DOT_PRECISION=_dot_precision(dtype))
-        for kind, kernel in kernels.items():
-            signature, aligned = _aot_signature(kernel, dtype)
-            for config in gpu_configs(kind, dtype, block_d):
-                found.append(KernelVariant(
-                    op="attention", kernel=kernel, signature=signature,
-                    constexprs={**config.kwargs, **flags}, aligned=aligned,
-                    num_warps=config.num_warps, num_stages=config.num_stages,
-                    config=dict(dtype=dtype_name, **config.kwargs, BLOCK_D=block_d),
+    for dropout_p in (0.0, workload.dropout_p):
+        with cr.launches(module, "_attn_fwd") as forward:
+            flash_attention_forward(q, k, v, True, d ** -0.5, dropout_p, 1234)
+        with cr.launches(module, "_attn_bwd_delta_kernel", "_attn_bwd_dkdv", "_attn_bwd_dq") as backward:
+            flash_attention_backward(o, q, k, v, o, lse, True, d ** -0.5, dropout_p, 1234)
+        for pass_, recorded in (("fwd", forward), ("bwd", backward)):
+            for launch in (x for r in recorded for x in cr.expand(r)):
+                if "BLOCK_N" in launch.args:  # the main kernels: BLOCK_M x BLOCK_N pairs per iteration
+                    per_iteration, loops = launch.args["BLOCK_M"] * launch.args["BLOCK_N"] / 1024, "alternatives"
+                    show = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HAS_DROPOUT")
+                else:  # the delta preprocess: BLOCK_M queries of (T + 1) / 2 keys on average
+                    per_iteration, loops = launch.args["BLOCK_M"] * (t + 1) / 2 / 1024, "sequence"
+                    show = ("BLOCK_M", "BLOCK_D")
+                found.append(cr.jit_variant(
+                    "attention", pass_, launch, workload=workload, show=show,
+                    work=cr.Work("1K pairs", per_iteration, loops=loops, **passes[pass_]),
                 ))
-        signature, aligned = _aot_signature(_attn_bwd_delta_kernel, dtype)
-        found.append(KernelVariant(
-            op="attention", kernel=_attn_bwd_delta_kernel, signature=signature,
-            constexprs=dict(BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d), aligned=aligned,
-            num_warps=4, num_stages=1, config=dict(dtype=dtype_name, BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d),
-        ))
     return found

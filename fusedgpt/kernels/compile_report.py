@@ -1,25 +1,63 @@
-"""Ahead-of-time compile report: every kernel configuration the dispatcher can launch,
-compiled for real GPUs on a machine that has none.
+"""Ahead-of-time compile report: the kernels a workload really launches, compiled for real
+GPUs on a machine that has none, and read for health and for cost.
 
-For each op x kernel x dtype x config x architecture this builds PTX and a cubin through
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` with the
-specialisation the JIT would use (pointers and the strides that are multiples of 16 marked
-16-divisible), then reads the cubin with the tools the Triton wheel ships:
+How an op registers its builds (the contract every op module follows)
+----------------------------------------------------------------------
+Each module in ``OP_MODULES`` defines::
 
-- ``cuobjdump -res-usage``: registers per thread, local memory and stack bytes (spills);
-- the compiled metadata: shared memory per block, checked against the per-block limit;
-- ``cuobjdump -sass``: the number of ``HMMA`` (mma.sync, Ampere and later) and ``HGMMA``
-  (wgmma, Hopper) tensor-core instructions.
+    def aot_variants(dtype: torch.dtype, workload: Workload = WORKLOADS["gpt2"]) -> list[KernelVariant]
 
-It cannot see speed, bank conflicts or anything that depends on the data: those need a GPU.
-Run it as ``fusedgpt kernels inspect [--arch sm_80,sm_90] [--op NAME] [--json]``.
+returning one :class:`KernelVariant` per kernel launch that workload makes in training
+(forward and backward; every autotune config the pruner keeps; dropout off and on where
+the op has it). A variant is made with :func:`jit_variant`, which takes the kernel's
+arguments *by name, as the launcher would pass them*: tensors as ``torch`` tensors on the
+``meta`` device laid out like the real ones (:func:`meta_tensor`; views and strides as in
+the model), integers and floats as their values, constexprs as values. The signature, the
+constants and the ``tt.divisibility`` attributes are then derived from the kernel's own
+signature by Triton's own binder, exactly as the JIT does at launch: pointers 16-byte
+aligned and integers divisible by 16 are marked 16-divisible, integers equal to 1 become
+constants, ``do_not_specialize`` parameters stay plain. Nobody writes a signature by hand.
+
+Each variant also carries a :class:`Work`: the unit of work (``element``, ``logit``,
+``1K pairs``), how many units one program does per iteration of its main loop (or in all,
+for a kernel without a loop), the minimum bytes the pass must move per unit, and the
+matmul flops per unit the algorithm needs. New ops (rms_norm, rotary, swiglu, ...) add
+their module to ``OP_MODULES`` and return variants the same way; peer kernels
+(``bench/static.py``) are described through the same two calls.
+
+What is read from each build
+----------------------------
+Built with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``, then read
+with the tools the Triton wheel ships:
+
+- health: registers and spills (``cuobjdump -res-usage``: LOCAL + STACK), shared memory
+  against the per-block limit, occupancy; a build with a spill or over the limit is a
+  problem (exit status 1);
+- cost, from ``cuobjdump -sass``: loops are the bodies closed by a backward branch; the
+  innermost ones are the main loops (a kernel may have an unmasked and a masked one; each is
+  reported). Per unit of work: instructions, global memory instructions by width (LDG/STG
+  128/64/32/16/8-bit, LDGSTS = cp.async, UTMALDG/UTMASTG = TMA), the bytes they move
+  (all lanes counted; TMA bytes are not visible in SASS and not counted), MUFU
+  instructions (EX2, RCP, RSQ, LG2, ...) and whether the exponentials are flush-to-zero
+  (no ``FSETP ... -126`` range fix-up around them), tensor-core instructions with their
+  shapes (``HMMA.16816``, ``HGMMA.64x64x16``) and the MMA work relative to the matmuls the
+  algorithm needs (1.00 = nothing computed twice);
+- a modelled cost per unit, in SM cycles: the largest of tensor-core, MUFU, issue and
+  memory time, with the per-architecture constants in ``MODEL`` (docs/verification.md).
+  A model, not a measurement.
+
+It cannot see speed, bank conflicts, cache behaviour or anything that depends on the data.
+Run it as ``fusedgpt kernels inspect [--workload gpt2] [--arch sm_80,sm_90] [--op NAME] [--json]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import dataclasses
 import importlib
+import inspect
 import json
 import os
 import re
@@ -28,19 +66,18 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
 from fusedgpt.kernels import backend as _backend
 
-# Modules that register kernels in the report: each defines ``aot_variants(dtype)``.
+# Modules that register kernels in the report: each defines ``aot_variants(dtype, workload)``.
 OP_MODULES: tuple[str, ...] = (
     "fusedgpt.kernels.layernorm", "fusedgpt.kernels.attention", "fusedgpt.kernels.cross_entropy",
 )
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 # Per-block shared-memory opt-in limit and per-SM budgets (CUDA programming guide, compute
 # capability tables) that the occupancy estimate uses.
@@ -52,40 +89,235 @@ REGISTERS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
 MAX_BLOCKS_PER_SM = 32
 
+# The cost model's per-SM, per-cycle rates (docs/verification.md, "Static cost"): A100 SXM
+# 80 GB for sm_80 (108 SMs, 1.41 GHz, 2.04 TB/s HBM2e, 312 dense half TFLOP/s), H100 SXM for
+# sm_90 (132 SMs, 1.83 GHz, 3.35 TB/s HBM3, 989 dense half TFLOP/s). Issue: one warp
+# instruction per cycle per SM sub-partition; MUFU: 16 lanes per cycle per SM. L2: the
+# A100's published 5120 B/cycle shared by 108 SMs, assumed per SM for the H100 as well.
+MODEL = {
+    "sm_80": dict(gpu="A100 SXM 80GB", mma_flops=2048, mufu_lanes=16, issue=4, hbm_bytes=13.4, l2_bytes=47.4),
+    "sm_90": dict(gpu="H100 SXM", mma_flops=4096, mufu_lanes=16, issue=4, hbm_bytes=13.9, l2_bytes=47.4),
+}
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """The shapes a training step launches kernels with: batch x sequence tokens, attention
+    heads of ``head_dim``, ``channels`` features, a ``vocab``-way head whose logits rows are
+    ``logits_row_stride`` apart."""
+
+    name: str
+    batch: int
+    seq: int
+    heads: int
+    head_dim: int
+    channels: int
+    vocab: int
+    logits_row_stride: int
+    dropout_p: float = 0.1
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+# GPT-2 training (B=8, T=1024). The linear cross-entropy computes the logits of a chunk of
+# tokens with ``hidden @ weight[:vocab].T`` into a contiguous buffer: rows 50257 apart.
+WORKLOADS = {
+    "gpt2": Workload("gpt2", 8, 1024, 12, 64, 768, 50257, 50257),
+    "gpt2-xl": Workload("gpt2-xl", 8, 1024, 25, 64, 1600, 50257, 50257),
+    "d128": Workload("d128", 8, 1024, 6, 128, 768, 50257, 50257),
+}
+
+
+def workload(name: str) -> Workload:
+    if name not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; known: {sorted(WORKLOADS)}")
+    return WORKLOADS[name]
+
+
+def meta_tensor(*shape: int, dtype: torch.dtype, strides: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """A tensor with the real shape, dtype and layout (contiguous unless ``strides``) and no
+    storage: what a kernel description passes where the launcher would pass a CUDA tensor."""
+    if strides is None:
+        return torch.empty(shape, dtype=dtype, device="meta")
+    return torch.empty_strided(shape, tuple(strides), dtype=dtype, device="meta")
+
+
+# --------------------------------------------------------------------------- variants
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """What one program of a kernel does, for per-unit cost.
+
+    ``per_iteration``: units of work per iteration of the innermost loop (per program), or
+    per program for a kernel without a loop. ``loops``: "alternatives" when each unit goes
+    through one of the loops (unmasked or masked), "sequence" when through all of them.
+    ``min_bytes``: bytes per unit the pass must move at least. ``mma_flops``: matmul flops
+    per unit the pass's algorithm needs (0 without matmuls)."""
+
+    unit: str
+    per_iteration: float
+    min_bytes: float
+    mma_flops: float = 0.0
+    loops: str = "alternatives"
+
 
 @dataclasses.dataclass(frozen=True)
 class KernelVariant:
-    """One launchable specialisation of a ``@triton.jit`` kernel.
-
-    ``signature`` maps every parameter, in order, to a Triton type string ("*fp16", "i32",
-    "fp32") or "constexpr"; ``constexprs`` gives the constexpr values; ``aligned`` names the
-    parameters the JIT would see as multiples of 16.
-    """
+    """One launch of a ``@triton.jit`` kernel: its arguments by name (tensors on ``meta``),
+    its launch options, a display ``config`` (with the dtype) and its :class:`Work`."""
 
     op: str
+    pass_: str
     kernel: Any
-    signature: dict
-    constexprs: dict
-    aligned: tuple
+    args: dict
     num_warps: int
     num_stages: int
     config: dict
+    work: Work
+    impl: str = "fusedgpt"
+    workload: str = "gpt2"
+    options: dict = dataclasses.field(default_factory=dict)
 
 
-def pointer(dtype: torch.dtype) -> str:
-    return "*" + TRITON_DTYPE_NAMES[dtype]
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch as a launcher made it: the kernel object it called (a JIT kernel,
+    an autotuner or heuristics around one, or the interpreter's stand-in), every argument
+    by name (constexprs included) and the launch options it passed."""
+
+    kernel: Any
+    args: dict
+    options: dict
+
+
+# Keyword arguments of a launch that are compile options, not kernel parameters.
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion", "launch_pdl")
+
+
+def _python_function(kernel: Any) -> Any:
+    while hasattr(kernel, "fn"):
+        kernel = kernel.fn
+    return kernel
+
+
+@contextlib.contextmanager
+def launches(module: Any, *names: str) -> Iterator[list[Launch]]:
+    """Record, instead of running, the launches of the kernels that ``module`` holds under
+    ``names`` while the block runs: call the real launcher with meta tensors inside it, and
+    the list it yields holds what the launcher passed. Works with the JIT and with the
+    interpreter (kernels are looked up by name when a launcher runs)."""
+    found: list[Launch] = []
+
+    class Recorder:
+        def __init__(self, kernel: Any):
+            self.kernel = kernel
+
+        def __getitem__(self, grid: Any) -> Callable:
+            def launch(*args: Any, **kwargs: Any) -> None:
+                options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}
+                bound = inspect.signature(_python_function(self.kernel)).bind_partial(*args, **kwargs)
+                found.append(Launch(self.kernel, dict(bound.arguments), options))
+            return launch
+
+    originals = {name: getattr(module, name) for name in names}
+    try:
+        for name, kernel in originals.items():
+            setattr(module, name, Recorder(kernel))
+        yield found
+    finally:
+        for name, kernel in originals.items():
+            setattr(module, name, kernel)
+
+
+def expand(launch: Launch) -> list[Launch]:
+    """The launches a recorded one turns into on a GPU: one per autotune config that the
+    autotuner's pruning keeps for these arguments, with heuristics applied."""
+    from triton.runtime.autotuner import Autotuner, Heuristics
+
+    kernel = launch.kernel
+    if isinstance(kernel, Heuristics):
+        args = dict(launch.args)
+        for name, rule in kernel.values.items():
+            args[name] = rule(args)
+        return expand(Launch(kernel.fn, args, launch.options))
+    if isinstance(kernel, Autotuner):
+        configs = kernel.configs
+        if kernel.early_config_prune:
+            # Autotuner.run passes the positional arguments by name and the keywords again;
+            # every argument in both keeps any pruner's lookups working.
+            configs = kernel.early_config_prune(configs, dict(launch.args), **launch.args)
+        found = []
+        for config in configs:
+            options = dict(launch.options, num_warps=config.num_warps, num_stages=config.num_stages)
+            found += expand(Launch(kernel.fn, {**launch.args, **config.kwargs}, options))
+        return found
+    return [launch]
+
+
+def jit_variant(op: str, pass_: str, launch: Launch, *, work: Work, workload: Workload,
+                show: Sequence[str] = (), impl: str = "fusedgpt") -> KernelVariant:
+    """A :class:`KernelVariant` of one (expanded) launch. ``show`` names the arguments the
+    report prints as the config; the dtype is the first tensor argument's."""
+    args = launch.args
+    dtype = next(a.dtype for a in args.values() if isinstance(a, torch.Tensor))
+    config = dict(dtype=str(dtype).removeprefix("torch."), **{name: args[name] for name in show})
+    options = dict(launch.options)
+    num_warps, num_stages = options.pop("num_warps", 4), options.pop("num_stages", 3)
+    return KernelVariant(op, pass_, launch.kernel, dict(args), num_warps, num_stages, config, work, impl,
+                         workload.name, options)
+
+
+class _DevicePointer:
+    """What the JIT's binder reads of a tensor argument: its dtype and its address (the
+    tensor's offset into a 256-byte aligned allocation, as from the CUDA caching allocator)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.dtype = tensor.dtype
+        self._address = (1 << 20) + tensor.storage_offset() * tensor.element_size()
+
+    def data_ptr(self) -> int:
+        return self._address
 
 
 def _jit_function(kernel: Any) -> Any:
-    """The JITFunction behind a kernel, refusing the interpreter's stand-in."""
+    """The JITFunction behind a kernel (through autotune/heuristics wrappers), refusing the
+    interpreter's stand-in."""
     from triton.runtime.jit import JITFunction
 
+    while not isinstance(kernel, JITFunction) and hasattr(kernel, "fn"):
+        kernel = kernel.fn
     if not isinstance(kernel, JITFunction):
         raise RuntimeError(
             "the compile report needs real JIT kernels: run it with TRITON_INTERPRET unset "
             "(the `fusedgpt kernels inspect` command does this itself)"
         )
     return kernel
+
+
+def specialise(variant: KernelVariant, arch: str) -> tuple[Any, dict, dict, dict, Any]:
+    """Triton's own launch-time specialisation of ``variant``: (fn, signature, constexprs,
+    attrs, options), from the kernel's signature and the argument values."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = _jit_function(variant.kernel)
+    backend = CUDABackend(GPUTarget("cuda", ARCHS[arch]["cc"], 32))
+    binder = create_function_from_signature(fn.signature, fn.params, CUDABackend)
+    args = {k: _DevicePointer(v) if isinstance(v, torch.Tensor) else v for k, v in variant.args.items()}
+    options = dict(num_warps=variant.num_warps, num_stages=variant.num_stages, **variant.options)
+    bound, specialization, kwargs = binder(**args, **options)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, kwargs)
+    return fn, signature, constexprs, attrs, options
+
+
+# --------------------------------------------------------------------------- tools
 
 
 def _tool(name: str) -> str:
@@ -106,13 +338,6 @@ def _resource_usage(cubin_path: str) -> dict:
     return {key: int(value) for key, value in fields.items()}
 
 
-def _count_mma(cubin_path: str) -> tuple[int, int]:
-    sass = subprocess.run(
-        [_tool("cuobjdump"), "-sass", cubin_path], check=True, capture_output=True, text=True
-    ).stdout
-    return len(re.findall(r"\bHMMA\.", sass)), len(re.findall(r"\bHGMMA\.", sass))
-
-
 def occupancy(registers: int, shared_bytes: int, num_warps: int, shared_per_sm: int) -> float:
     """Resident warps / max warps per SM, from registers, shared memory and block count
     (registers are allocated per warp in 256-register units)."""
@@ -124,32 +349,184 @@ def occupancy(registers: int, shared_bytes: int, num_warps: int, shared_per_sm: 
     return blocks * num_warps / MAX_WARPS_PER_SM
 
 
+# --------------------------------------------------------------------------- SASS
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);")
+
+
+def parse_sass(sass: str) -> list[tuple[int, str, str]]:
+    """(address, opcode, operands) of every instruction of ``cuobjdump -sass`` output."""
+    return [(int(m.group(1), 16), m.group(3), m.group(4).strip()) for m in _SASS_LINE.finditer(sass)]
+
+
+def loops(instructions: Sequence[tuple[int, str, str]]) -> list[tuple[int, int]]:
+    """Innermost loops as (first, last) address: bodies closed by a branch back to an
+    earlier address and containing no other such loop (the ``BRA`` to itself after
+    ``EXIT`` is padding, not a loop)."""
+    found = []
+    for address, opcode, operands in instructions:
+        match = re.search(r"0x([0-9a-f]+)", operands) if opcode.startswith("BRA") else None
+        if match and int(match.group(1), 16) < address:
+            found.append((int(match.group(1), 16), address))
+    return [(s, e) for s, e in found if not any((s, e) != (s2, e2) and s <= s2 and e2 <= e for s2, e2 in found)]
+
+
+def _memory_width(opcode: str) -> int:
+    """Bits per lane of a global load/store/cp.async opcode."""
+    parts = set(opcode.split("."))
+    for bits, names in ((128, {"128"}), (64, {"64"}), (16, {"U16", "S16"}), (8, {"U8", "S8"})):
+        if parts & names:
+            return bits
+    return 32
+
+
+def _mma_flops_per_warp(opcode: str) -> float:
+    """Multiply-add flops one warp's issue of a tensor-core instruction does: HMMA.MNK is per
+    warp; HGMMA.MxNxK is per warpgroup of 4 warps."""
+    hgmma = re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)", opcode)
+    if hgmma:
+        m, n, k = map(int, hgmma.groups())
+        return 2 * m * n * k / 4
+    hmma = re.match(r"HMMA\.(16)(8)(\d+)", opcode)
+    if hmma:
+        m, n, k = map(int, hmma.groups())
+        return 2 * m * n * k
+    return 0.0
+
+
+def read_section(instructions: Sequence[tuple[int, str, str]]) -> dict:
+    """Counts over a run of instructions, per warp: total, global memory by kind and width,
+    MUFU by function, exponential fix-ups, tensor-core instructions by shape and flops."""
+    memory: collections.Counter = collections.Counter()
+    mufu: collections.Counter = collections.Counter()
+    mma: collections.Counter = collections.Counter()
+    memory_bits = mma_flops = exp_fixups = 0
+    for _, opcode, operands in instructions:
+        head = opcode.split(".")[0]
+        if head in ("LDG", "STG", "LDGSTS"):
+            bits = _memory_width(opcode)
+            memory[f"{head}.{bits}"] += 1
+            memory_bits += bits
+        elif head in ("UTMALDG", "UTMASTG", "UBLKCP", "ATOMG", "RED"):
+            memory[head] += 1
+        elif head == "MUFU":
+            mufu[opcode.split(".")[1]] += 1
+        elif head in ("HMMA", "HGMMA"):
+            mma[opcode] += 1
+            mma_flops += _mma_flops_per_warp(opcode)
+        elif head == "FSETP" and re.search(r"(^|[ ,])-126(\b|$)", operands):
+            exp_fixups += 1
+    real = [i for i in instructions if i[1] != "NOP"]
+    return dict(insts=len(real), memory=dict(memory), memory_bytes=memory_bits * 32 / 8, mufu=dict(mufu),
+                mma=dict(mma), mma_flops=mma_flops, exp_fixups=exp_fixups)
+
+
+def sass_cost(sass: str) -> dict:
+    """The loops of a kernel (innermost, in address order) and the code outside them."""
+    instructions = parse_sass(sass)
+    if instructions and instructions[-1][1] == "BRA":  # the self-branch padding after EXIT
+        instructions = instructions[:-1]
+    bodies = loops(instructions)
+    inside = [i for i in instructions if any(s <= i[0] <= e for s, e in bodies)]
+    outside = [i for i in instructions if not any(s <= i[0] <= e for s, e in bodies)]
+    return dict(
+        loops=[read_section([i for i in instructions if s <= i[0] <= e]) for s, e in bodies],
+        outside=read_section(outside), whole=read_section(instructions), looped=len(inside),
+    )
+
+
+def per_unit(section: dict, work: Work, num_warps: int) -> dict:
+    """A section's per-warp counts as per-unit figures for a program of ``num_warps``."""
+    scale = num_warps / work.per_iteration
+    return dict(
+        insts=section["insts"] * scale,
+        mufu=sum(section["mufu"].values()) * scale,
+        bytes=section["memory_bytes"] * scale,
+        mma_flops=section["mma_flops"] * scale,
+    )
+
+
+def model_cycles(figures: dict, min_bytes: float, arch: str) -> dict:
+    """Modelled SM cycles per unit: each resource's time, and their maximum."""
+    rates = MODEL[arch]
+    terms = dict(
+        tensor=figures["mma_flops"] / rates["mma_flops"],
+        mufu=figures["mufu"] * 32 / rates["mufu_lanes"],
+        issue=figures["insts"] / rates["issue"],
+        memory=max(min_bytes / rates["hbm_bytes"], figures["bytes"] / rates["l2_bytes"]),
+    )
+    return dict(terms, bound=max(terms, key=terms.get), cycles=max(terms.values()))
+
+
+def cost_columns(sass: str, work: Work, num_warps: int, arch: str) -> dict:
+    """The cost columns of one build: the main loop (or the whole kernel without one) per
+    unit of work, the masked loop where there is one, the code outside the loops."""
+    found = sass_cost(sass)
+    sections = found["loops"] or [found["whole"]]
+    if work.loops == "sequence" or len(sections) == 1:
+        main = {key: sum(s[key] for s in sections) if isinstance(sections[0][key], (int, float))
+                else dict(sum((collections.Counter(s[key]) for s in sections), collections.Counter()))
+                for key in sections[0]}
+        masked = None
+    else:  # the unmasked loop is the shorter one; the masked one pays for its compares
+        main, masked = sorted(sections, key=lambda s: s["insts"])[0], sorted(sections, key=lambda s: s["insts"])[-1]
+    figures = per_unit(main, work, num_warps)
+    model = model_cycles(figures, work.min_bytes, arch)
+    ex2, fixups = main["mufu"].get("EX2", 0), main["exp_fixups"]
+    return dict(
+        unit=work.unit,
+        loops=len(found["loops"]),
+        insts_per_unit=round(figures["insts"], 3),
+        masked_insts_per_unit=round(per_unit(masked, work, num_warps)["insts"], 3) if masked else None,
+        outside_loop_insts=found["outside"]["insts"],
+        mufu=main["mufu"],
+        mufu_per_unit=round(figures["mufu"], 4),
+        exp_ftz=None if not ex2 else fixups == 0,
+        load_widths=main["memory"],
+        tma=found["whole"]["memory"].get("UTMALDG", 0) + found["whole"]["memory"].get("UTMASTG", 0),
+        bytes_per_unit=round(figures["bytes"], 3),
+        min_bytes_per_unit=round(work.min_bytes, 3),
+        mma=main["mma"],
+        mma_flops_per_unit=figures["mma_flops"],
+        mma_redundancy=round(figures["mma_flops"] / work.mma_flops, 3) if work.mma_flops else None,
+        model={k: (round(v, 2) if isinstance(v, float) else v) for k, v in model.items()},
+        model_cycles_per_unit=round(model["cycles"], 2),
+    )
+
+
+# --------------------------------------------------------------------------- compile
+
+
 def compile_variant(variant: KernelVariant, arch: str) -> dict:
     """Compile one variant for one architecture and describe the result."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = _jit_function(variant.kernel)
-    names = list(variant.signature)
-    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in variant.aligned}
-    source = ASTSource(fn=fn, signature=variant.signature, constexprs=variant.constexprs, attrs=attrs)
     limits = ARCHS[arch]
     row = {
         "op": variant.op,
-        "kernel": fn.__name__,
+        "pass": variant.pass_,
+        "impl": variant.impl,
+        "kernel": getattr(_jit_function(variant.kernel), "__name__", str(variant.kernel)),
         "dtype": variant.config.get("dtype"),
         "arch": arch,
+        "workload": variant.workload,
         "config": {k: v for k, v in variant.config.items() if k != "dtype"},
         "num_warps": variant.num_warps,
         "num_stages": variant.num_stages,
         "shared_limit": limits["shared_limit"],
     }
     try:
+        fn, signature, constexprs, attrs, _ = specialise(variant, arch)
+        names = list(signature)
+        row["divisible_16"] = [names[path[0]] for path, attr in attrs.items() if ["tt.divisibility", 16] in attr]
+        row["equal_to_1"] = [p.name for p in fn.params if not p.is_constexpr and signature[p.name] == "constexpr"]
         compiled = triton.compile(
-            source,
+            ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
             target=GPUTarget("cuda", limits["cc"], 32),
-            options={"num_warps": variant.num_warps, "num_stages": variant.num_stages},
+            options={"num_warps": variant.num_warps, "num_stages": variant.num_stages, **variant.options},
         )
     except Exception as exc:  # an out-of-resources config is a finding, not a crash
         return {**row, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
@@ -158,7 +535,8 @@ def compile_variant(variant: KernelVariant, arch: str) -> dict:
         with open(cubin_path, "wb") as handle:
             handle.write(compiled.asm["cubin"])
         usage = _resource_usage(cubin_path)
-        hmma, hgmma = _count_mma(cubin_path)
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin_path], check=True, capture_output=True,
+                              text=True).stdout
     shared = int(compiled.metadata.shared)
     registers = usage.get("REG", 0)
     return {
@@ -167,39 +545,59 @@ def compile_variant(variant: KernelVariant, arch: str) -> dict:
         "spill_bytes": usage.get("LOCAL", 0) + usage.get("STACK", 0),
         "shared_bytes": shared,
         "occupancy": round(occupancy(registers, shared, variant.num_warps, limits["shared_per_sm"]), 3),
-        "hmma": hmma,
-        "hgmma": hgmma,
+        "hmma": len(re.findall(r"\bHMMA\.", sass)),
+        "hgmma": len(re.findall(r"\bHGMMA\.", sass)),
+        **cost_columns(sass, variant.work, variant.num_warps, arch),
     }
 
 
-def variants(ops: Optional[Sequence[str]] = None, dtypes: Iterable[str] = DTYPES) -> list[KernelVariant]:
-    """Every registered kernel variant, optionally only for the ops named."""
+def variants(ops: Optional[Sequence[str]] = None, dtypes: Iterable[str] = DTYPES,
+             workload_name: str = "gpt2") -> list[KernelVariant]:
+    """Every registered kernel variant for the workload, optionally only for the ops named."""
     found = []
     for module_name in OP_MODULES:
         module = importlib.import_module(module_name)
         for dtype_name in dtypes:
-            for variant in module.aot_variants(DTYPES[dtype_name]):
+            for variant in module.aot_variants(DTYPES[dtype_name], workload(workload_name)):
                 if ops is None or variant.op in ops:
                     found.append(variant)
     return found
 
 
-def _compile_job(job: tuple[int, str, Optional[Sequence[str]]]) -> dict:
-    index, arch, ops = job
-    return compile_variant(variants(ops)[index], arch)
+# A "source" names a function returning variants: "module:function", called with the
+# keyword arguments given. Compile workers list the variants again and take theirs by index
+# (kernels and meta tensors do not travel between processes).
+SOURCE = "fusedgpt.kernels.compile_report:variants"
+
+
+def _listed(source: str, kwargs: dict) -> list[KernelVariant]:
+    module_name, function = source.split(":")
+    return getattr(importlib.import_module(module_name), function)(**kwargs)
+
+
+def _compile_job(job: tuple[str, dict, int, str]) -> dict:
+    source, kwargs, index, arch = job
+    return compile_variant(_listed(source, kwargs)[index], arch)
 
 
 def report(
     archs: Sequence[str] = ("sm_80", "sm_90"),
     ops: Optional[Sequence[str]] = None,
     workers: Optional[int] = None,
+    workload_name: str = "gpt2",
+    dtypes: Iterable[str] = DTYPES,
+    source: str = SOURCE,
+    source_kwargs: Optional[dict] = None,
 ) -> list[dict]:
-    """Compile everything in parallel processes and return one row per variant x arch."""
+    """Compile everything in parallel processes and return one row per variant x arch.
+    ``source``/``source_kwargs`` replace the fusedgpt listing (the peers use this)."""
     unknown = [arch for arch in archs if arch not in ARCHS]
     if unknown:
         raise ValueError(f"unknown architecture(s) {unknown}; known: {sorted(ARCHS)}")
-    count = len(variants(ops))
-    jobs = [(index, arch, ops) for index in range(count) for arch in archs]
+    kwargs = source_kwargs if source_kwargs is not None else dict(
+        ops=ops, dtypes=list(dtypes), workload_name=workload(workload_name).name)
+    count = len(_listed(source, kwargs))
+    jobs = [(source, kwargs, index, arch) for index in range(count) for arch in archs]
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         return list(pool.map(_compile_job, jobs))
 
@@ -219,20 +617,32 @@ def problems(rows: Sequence[dict]) -> list[str]:
     return found
 
 
+def _widths(counts: dict) -> str:
+    return " ".join(f"{name}x{count}" for name, count in sorted(counts.items())) or "-"
+
+
 def format_table(rows: Sequence[dict]) -> str:
-    header = ["op", "kernel", "dtype", "arch", "config", "warps", "stages", "regs", "spill B",
-              "smem B", "smem limit", "occupancy", "HMMA", "HGMMA"]
+    header = ["op", "pass", "kernel", "dtype", "arch", "config", "warps", "stages", "regs", "spill B",
+              "smem B", "smem limit", "occupancy", "HMMA", "HGMMA", "unit", "insts/unit", "masked insts/unit",
+              "global mem (loop)", "B/unit (min)", "MUFU/unit", "exp FTZ", "MMA redundancy", "model cyc/unit"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         config = " ".join(f"{k}={v}" for k, v in row["config"].items())
+        head = [row["op"], row["pass"], row["kernel"], row["dtype"], row["arch"], config, str(row["num_warps"]),
+                str(row["num_stages"])]
         if "error" in row:
-            cells = [row["op"], row["kernel"], row["dtype"], row["arch"], config, str(row["num_warps"]),
-                     str(row["num_stages"]), "error: " + row["error"]] + [""] * 6
+            cells = head + ["error: " + row["error"]] + [""] * (len(header) - len(head) - 1)
         else:
-            cells = [row["op"], row["kernel"], row["dtype"], row["arch"], config, str(row["num_warps"]),
-                     str(row["num_stages"]), str(row["registers"]), str(row["spill_bytes"]),
-                     str(row["shared_bytes"]), str(row["shared_limit"]), f"{row['occupancy']:.2f}",
-                     str(row["hmma"]), str(row["hgmma"])]
+            masked = row["masked_insts_per_unit"]
+            cells = head + [
+                str(row["registers"]), str(row["spill_bytes"]), str(row["shared_bytes"]), str(row["shared_limit"]),
+                f"{row['occupancy']:.2f}", str(row["hmma"]), str(row["hgmma"]), row["unit"],
+                f"{row['insts_per_unit']:.3g}", "" if masked is None else f"{masked:.3g}", _widths(row["load_widths"]),
+                f"{row['bytes_per_unit']:.3g} ({row['min_bytes_per_unit']:.3g})", f"{row['mufu_per_unit']:.3g}",
+                {None: "-", True: "yes", False: "no"}[row["exp_ftz"]],
+                "-" if row["mma_redundancy"] is None else f"{row['mma_redundancy']:.2f}",
+                f"{row['model_cycles_per_unit']:.3g} ({row['model']['bound']})",
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -240,6 +650,8 @@ def format_table(rows: Sequence[dict]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", default="sm_80,sm_90", help="comma-separated: sm_80, sm_90")
     parser.add_argument("--op", default=None, help="comma-separated op names (default: all)")
+    parser.add_argument("--workload", default="gpt2", help=f"one of {', '.join(WORKLOADS)}")
+    parser.add_argument("--dtype", default=",".join(DTYPES), help="comma-separated: fp32, fp16, bf16")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     parser.add_argument("--workers", type=int, default=None, help="compile processes (default: CPU count)")
 
@@ -250,12 +662,17 @@ def run(args: argparse.Namespace) -> int:
         # The interpreter replaces @triton.jit kernels with Python stand-ins that cannot be
         # compiled; the report runs in a child process without it.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        argv = ["--arch", args.arch] + (["--op", args.op] if args.op else []) + (["--json"] if args.json else [])
+        argv = ["--arch", args.arch, "--workload", args.workload, "--dtype", args.dtype]
+        argv += (["--op", args.op] if args.op else []) + (["--json"] if args.json else [])
         argv += ["--workers", str(args.workers)] if args.workers else []
         return subprocess.call([sys.executable, "-m", "fusedgpt.kernels.compile_report", *argv], env=env)
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     ops = [o.strip() for o in args.op.split(",")] if args.op else None
-    rows = report(archs, ops, args.workers)
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    bad_dtypes = [d for d in dtypes if d not in DTYPES]
+    if bad_dtypes:
+        raise SystemExit(f"--dtype: unknown {bad_dtypes}; known: {list(DTYPES)}")
+    rows = report(archs, ops, args.workers, workload(args.workload).name, dtypes)
     if args.json:
         print(json.dumps(rows, indent=1))
     else:

@@ -411,25 +411,34 @@ def cross_entropy(
 # --------------------------------------------------------------------------- compile report
 
 
-def aot_variants(dtype: torch.dtype) -> list:
-    """Every (mode, block config) the launchers can pick for logits of ``dtype``: forward
-    only, backward only, and both in one launch (the in-place mode of linear_cross_entropy)."""
-    from fusedgpt.kernels.compile_report import KernelVariant, pointer
+def aot_variants(dtype: torch.dtype, workload=None) -> list:
+    """The launches of the linear cross-entropy of ``workload`` (default gpt2), recorded
+    from the launchers on meta tensors: one chunk of logits of ``dtype`` laid out as the
+    head writes them (rows ``logits_row_stride`` apart), in the three modes — forward,
+    backward from a saved nll, and both in one launch (in place)."""
+    import sys
 
-    act, f32 = pointer(dtype), pointer(torch.float32)
-    signature = dict(X=act, DX=act, TARGET="*i64", LOSS=f32, NLL=f32, GRAD=f32,
-                     stride_x="i32", stride_dx="i32", stride_grad="i32",
-                     V="i32", ignore_index="i32", label_smoothing="fp32", z_loss="fp32",
-                     BLOCK_V="constexpr", FORWARD="constexpr", BACKWARD="constexpr")
-    found = []
-    for block_v, num_warps in launch_configs():
-        for forward, backward in ((True, False), (False, True), (True, True)):
-            mode = dict(FORWARD=forward, BACKWARD=backward)
-            found.append(KernelVariant(
-                op="cross_entropy", kernel=_cross_entropy_kernel, signature=signature,
-                constexprs=dict(BLOCK_V=block_v, **mode),
-                aligned=("X", "DX", "TARGET", "LOSS", "NLL", "GRAD", "stride_x", "stride_dx"),
-                num_warps=num_warps, num_stages=1,
-                config=dict(dtype=str(dtype).removeprefix("torch."), BLOCK_V=block_v, **mode),
-            ))
-    return found
+    from fusedgpt.kernels import compile_report as cr
+    from fusedgpt.kernels.linear_cross_entropy import default_chunk_size
+
+    workload = workload or cr.WORKLOADS["gpt2"]
+    v, item = workload.vocab, torch.empty((), dtype=dtype).element_size()
+    rows = default_chunk_size(workload.tokens, v, dtype, use_triton=True)
+    logits = cr.meta_tensor(rows, v, dtype=dtype, strides=(workload.logits_row_stride, 1))
+    target = cr.meta_tensor(rows, dtype=torch.int64)
+    nll, scale = cr.meta_tensor(rows, dtype=torch.float32), cr.meta_tensor(dtype=torch.float32)
+    args = (-100, 0.0, 0.0)  # ignore_index, label_smoothing, z_loss as training passes them
+    module = sys.modules[__name__]
+    with cr.launches(module, "_cross_entropy_kernel") as forward:
+        cross_entropy_forward(logits, target, *args)
+    with cr.launches(module, "_cross_entropy_kernel") as backward:
+        cross_entropy_backward(logits, target, nll, scale, *args, out=logits)
+    with cr.launches(module, "_cross_entropy_kernel") as both:
+        cross_entropy_forward_backward_(logits, target, scale, *args)
+    # Minimum bytes per logit: read once; the backward also writes the gradient.
+    return [
+        cr.jit_variant("cross_entropy", pass_, launch, workload=workload, show=("BLOCK_V", "FORWARD", "BACKWARD"),
+                       work=cr.Work("logit", launch.args["BLOCK_V"], item * (1 if pass_ == "fwd" else 2),
+                                    loops="sequence"))
+        for pass_, launch in (("fwd", forward[0]), ("bwd", backward[0]), ("fwd+bwd", both[0]))
+    ]

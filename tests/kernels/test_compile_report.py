@@ -1,11 +1,14 @@
-"""The ahead-of-time compile report: real PTX/cubin builds for sm_80 and sm_90."""
+"""The ahead-of-time compile report: real PTX/cubin builds for sm_80 and sm_90 of the
+launches a workload makes, read for health and for cost."""
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from fusedgpt.kernels import compile_report as report
 
@@ -13,10 +16,10 @@ ALL_DTYPES = {"float32", "float16", "bfloat16"}
 ARCHS = {"sm_80", "sm_90"}
 
 
-def run_report(op: str) -> list[dict]:
+def run_report(op: str, *extra: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, "-m", "fusedgpt", "kernels", "inspect", "--op", op, "--json"],
+        [sys.executable, "-m", "fusedgpt", "kernels", "inspect", "--op", op, "--json", *extra],
         capture_output=True, text=True, env=env, timeout=900,
     )
     if result.returncode != 0:
@@ -41,18 +44,16 @@ def layernorm_rows():
     return run_report("layernorm")
 
 
-def test_layernorm_report_covers_every_config_dtype_and_arch(layernorm_rows):
-    from fusedgpt.kernels.layernorm import launch_configs
-
-    expected = {(kernel, dtype, arch, block_n, one_block)
-                for kernel in ("_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel")
-                for dtype in ALL_DTYPES for arch in ARCHS
-                for block_n, _, one_block in launch_configs()}
-    seen = {(r["kernel"], r["dtype"], r["arch"], r["config"]["BLOCK_N"], r["config"]["ONE_BLOCK"])
+def test_layernorm_report_covers_every_launch_dtype_and_arch(layernorm_rows):
+    expected = {(kernel, flag, dtype, arch)
+                for kernel in ("_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel") for flag in (False, True)
+                for dtype in ALL_DTYPES for arch in ARCHS}
+    seen = {(r["kernel"], r["config"].get("HAS_RESIDUAL", r["config"].get("HAS_DSUM")), r["dtype"], r["arch"])
             for r in layernorm_rows}
-    assert seen == expected
-    for key in ("op", "kernel", "dtype", "arch", "config", "registers", "spill_bytes",
-                "shared_bytes", "shared_limit", "hmma", "hgmma"):
+    assert seen == expected and len(layernorm_rows) == len(expected)
+    for key in ("op", "pass", "impl", "kernel", "dtype", "arch", "workload", "config", "registers", "spill_bytes",
+                "shared_bytes", "shared_limit", "hmma", "hgmma", "unit", "insts_per_unit", "mufu_per_unit",
+                "load_widths", "bytes_per_unit", "min_bytes_per_unit", "model_cycles_per_unit"):
         assert all(key in r for r in layernorm_rows), key
 
 
@@ -63,6 +64,102 @@ def test_layernorm_report_is_healthy(layernorm_rows):
         assert row["spill_bytes"] == 0
         assert row["shared_bytes"] <= row["shared_limit"] == report.ARCHS[row["arch"]]["shared_limit"]
         assert 0 < row["occupancy"] <= 1
+
+
+def test_layernorm_at_gpt2_width_is_built_as_the_jit_builds_it(layernorm_rows):
+    # N = 768 and the row strides are multiples of 16: the JIT marks them so, and the rows
+    # of bf16 are then read 8 elements (128 bits) at a time, never 16 bits at a time (the
+    # 32-bit loads are the backward's per-row fp32 mean and rstd).
+    for row in layernorm_rows:
+        if row["dtype"] == "bfloat16":
+            assert "N" in row["divisible_16"] and "stride_x" in row["divisible_16"], row["divisible_16"]
+            assert row["load_widths"].get("LDG.128", 0) > 0, row["load_widths"]
+            assert "LDG.16" not in row["load_widths"] and row["load_widths"].get("LDG.32", 0) <= 2, row["load_widths"]
+            assert row["unit"] == "element" and 0 < row["insts_per_unit"] < 20
+
+
+def test_attention_lists_the_dropout_off_builds_that_training_runs():
+    attention = importlib.import_module("fusedgpt.kernels.attention")
+    variants = attention.aot_variants(torch.bfloat16, report.WORKLOADS["gpt2"])
+    seen = {(v.pass_, v.kernel.__name__, v.config.get("HAS_DROPOUT")) for v in variants}
+    for kernel in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+        pass_ = "fwd" if kernel == "_attn_fwd_kernel" else "bwd"
+        assert {(pass_, kernel, False), (pass_, kernel, True)} <= seen, kernel
+    # The layout of the model: q, k, v split from one (B, T, 3C) projection.
+    fwd = next(v for v in variants if v.pass_ == "fwd")
+    assert fwd.args["stride_qt"] == 3 * 768 and fwd.args["Tq"] == 1024 and fwd.args["D"] == 64
+
+
+SPECIALISATION_CHECK = """
+import importlib, json, torch
+from fusedgpt.kernels import compile_report as report
+layernorm = importlib.import_module("fusedgpt.kernels.layernorm")
+variant = layernorm.aot_variants(torch.float16, report.WORKLOADS["gpt2"])[0]
+x = report.meta_tensor(10, 8, dtype=torch.float16)[:, 4:]  # 8 bytes into its allocation
+args = dict(variant.args, X=x, stride_x=8, stride_y=1, N=100)
+fn, signature, constexprs, attrs, _ = report.specialise(report.KernelVariant(**{**variant.__dict__, "args": args}), "sm_90")
+names = list(signature)
+marked = sorted(names[path[0]] for path, attr in attrs.items() if ["tt.divisibility", 16] in attr)
+print(json.dumps(dict(marked=marked, signature=signature, constant=constexprs.get((names.index("stride_y"),)))))
+"""
+
+
+def test_specialisation_follows_the_jit_rules():
+    # Ints divisible by 16 and 16-byte aligned pointers are marked, ints equal to 1 become
+    # constants; a pointer 8 bytes into its allocation and N = 100 are not marked. (In a
+    # child process: the binder needs the real JIT kernels, not the interpreter's.)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", SPECIALISATION_CHECK], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout)
+    assert "Y" in found["marked"] and "stride_r" in found["marked"]
+    assert not {"X", "stride_x", "N"} & set(found["marked"])
+    assert found["signature"]["stride_y"] == "constexpr" and found["constant"] == 1
+    assert found["signature"]["X"] == "*fp16" and found["signature"]["eps"] == "fp32"
+
+
+SASS = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/                   FSETP.GEU.AND P0, PT, R4, -126, PT ;
+        /*0030*/                   MUFU.EX2 R5, R4 ;
+        /*0040*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
+        /*0050*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0060*/                   LDG.E.U16 R6, desc[UR4][R2.64] ;
+        /*0070*/               @P1 BRA 0x10 ;
+        /*0080*/                   STG.E.128 desc[UR4][R2.64], R4 ;
+        /*0090*/                   MUFU.EX2 R7, R6 ;
+        /*00a0*/              @!P2 BRA 0x90 ;
+        /*00b0*/                   EXIT ;
+        /*00c0*/                   BRA 0xc0;
+"""
+
+
+def test_sass_reading():
+    instructions = report.parse_sass(SASS)
+    assert instructions[1] == (0x10, "LDG.E.128", "R4, desc[UR4][R2.64]")
+    assert report.loops(instructions) == [(0x10, 0x70), (0x90, 0xA0)]  # the self-branch is padding
+    found = report.sass_cost(SASS)
+    first, second = found["loops"]
+    assert first["insts"] == 7 and second["insts"] == 2 and found["outside"]["insts"] == 3
+    assert first["memory"] == {"LDG.128": 1, "LDG.16": 1} and first["memory_bytes"] == (128 + 16) * 32 / 8
+    assert first["exp_fixups"] == 1 and second["exp_fixups"] == 0
+    assert first["mma_flops"] == 2 * 16 * 8 * 16 + 2 * 64 * 64 * 16 / 4
+    work = report.Work("thing", per_iteration=64, min_bytes=1.0, mma_flops=100.0, loops="alternatives")
+    cost = report.cost_columns(SASS, work, num_warps=4, arch="sm_90")
+    assert cost["insts_per_unit"] == pytest.approx(2 * 4 / 64, abs=1e-3)
+    assert cost["masked_insts_per_unit"] == pytest.approx(7 * 4 / 64, abs=1e-3)
+    assert cost["exp_ftz"] is True and cost["mufu_per_unit"] == pytest.approx(4 / 64, abs=1e-3)
+    sequence = report.cost_columns(SASS, report.Work("thing", 64, 1.0, loops="sequence"), 4, "sm_80")
+    assert sequence["insts_per_unit"] == pytest.approx(9 * 4 / 64, abs=1e-3) and sequence["exp_ftz"] is False
+
+
+def test_model_takes_the_slowest_resource():
+    model = report.model_cycles(dict(insts=40.0, mufu=1.0, bytes=0.0, mma_flops=0.0), 0.0, "sm_90")
+    assert model["bound"] == "issue" and model["cycles"] == 10.0
+    model = report.model_cycles(dict(insts=4.0, mufu=0.0, bytes=0.0, mma_flops=0.0), 139.0, "sm_90")
+    assert model["bound"] == "memory" and model["cycles"] == pytest.approx(10.0)
 
 
 def test_problems_flags_spills_overflow_and_errors():
@@ -83,6 +180,8 @@ def test_occupancy_model():
     assert report.occupancy(32, 100000, 8, 233472) == 16 / 64
 
 
-def test_unknown_arch_is_an_error():
+def test_unknown_arch_and_workload_are_errors():
     with pytest.raises(ValueError, match="unknown architecture"):
         report.report(["sm_70"])
+    with pytest.raises(ValueError, match="unknown workload"):
+        report.workload("gpt5")
