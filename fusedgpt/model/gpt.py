@@ -62,11 +62,14 @@ class LayerNorm(nn.Module):
         self.backend = backend
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        # Under autocast the stream stays fp32 and a branch comes out in the autocast dtype;
+        # the op adds them in fp32, keeps the sum fp32 and writes the normalised output
+        # directly in the dtype the next matmul takes, so nothing is cast around it.
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         if residual is None:
-            return layer_norm(x, self.weight, self.bias, backend=self.backend), x
-        # Under autocast a branch comes out in bf16 while the stream stays fp32, as eager
-        # type promotion (x + residual) would keep it.
-        return add_layer_norm(x.to(residual.dtype), residual, self.weight, self.bias, backend=self.backend)
+            return layer_norm(x, self.weight, self.bias, out_dtype=out_dtype, backend=self.backend), x
+        return add_layer_norm(x, residual, self.weight, self.bias, out_dtype=out_dtype, backend=self.backend)
 
 
 class KVCache:
