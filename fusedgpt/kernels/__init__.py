@@ -11,8 +11,10 @@ from fusedgpt.kernels.layernorm import add_layer_norm, layer_norm
 from fusedgpt.kernels.linear_cross_entropy import linear_cross_entropy
 from fusedgpt.kernels.rms_norm import add_rms_norm, rms_norm
 from fusedgpt.kernels.rotary import apply_rotary, rotary_cache
+from fusedgpt.kernels.swiglu import swiglu
 
 __all__ = [
     "BackendUnavailableError", "add_layer_norm", "cross_entropy", "flash_attention", "layer_norm",
     "linear_cross_entropy", "add_rms_norm", "rms_norm", "apply_rotary", "rotary_cache",
+    "swiglu",
 ]
