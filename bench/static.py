@@ -1,0 +1,260 @@
+"""Static cost of fusedgpt's kernels beside peer Triton kernels, without a GPU.
+
+    python -m bench.static [--peers] [--arch sm_80,sm_90] [--workload gpt2] [--dtype bf16] [--json]
+    python -m bench.static --peers --out bench/results/static      # the committed table + JSON
+
+Every kernel, fusedgpt's and the peers', is compiled through the one path of
+``fusedgpt.kernels.compile_report`` at the same workload shapes: the peers' own launchers
+(imported from their installed packages: ``pip install -e ".[peers]"``) are called on
+meta tensors and their launches recorded, so each peer kernel gets the block sizes, warps
+and flags its launcher would pass. Per op x pass x arch x dtype the table puts fusedgpt's
+figures beside each peer's, with fusedgpt's ratio to the best peer in modelled cycles per
+unit (below 1: fusedgpt is modelled cheaper). A peer that does not import or build is
+listed with the reason. Figures are a model read from SASS, not a measurement.
+
+Which fusedgpt launch is compared: the peer's case (LayerNorm without the residual add,
+attention without dropout, cross-entropy forward and backward in one launch), and of
+several autotune configs the one the model rates cheapest; every build is in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from fusedgpt.kernels import compile_report as cr
+
+# ------------------------------------------------------------------ the peers' launches
+
+
+def _liger_layernorm(dtype: torch.dtype, workload: cr.Workload) -> list[cr.KernelVariant]:
+    from liger_kernel.ops import layer_norm as liger
+
+    m, n = workload.tokens, workload.channels
+    item = torch.empty((), dtype=dtype).element_size()
+    x = cr.meta_tensor(m, n, dtype=dtype)
+    weight, bias = cr.meta_tensor(n, dtype=dtype), cr.meta_tensor(n, dtype=dtype)
+    with cr.launches(liger, "_layer_norm_forward_kernel") as forward:
+        _, _, mean, rstd, _, _ = liger.layer_norm_forward(x, weight, bias, 1e-5)
+    with cr.launches(liger, "_layer_norm_backward_kernel") as backward:
+        liger.layer_norm_backward(cr.meta_tensor(m, n, dtype=dtype), x, weight, bias, mean, rstd)
+    return [
+        cr.jit_variant("layernorm", "fwd", forward[0], impl="liger-kernel", workload=workload, show=("BLOCK_SIZE",),
+                       work=cr.Work("element", n, 2 * item + 8 / n)),
+        # One program per SM walks rows_per_program rows: one loop iteration per row.
+        cr.jit_variant("layernorm", "bwd", backward[0], impl="liger-kernel", workload=workload,
+                       show=("BLOCK_SIZE",), work=cr.Work("element", n, 3 * item + 8 / n)),
+    ]
+
+
+def _liger_cross_entropy(dtype: torch.dtype, workload: cr.Workload) -> list[cr.KernelVariant]:
+    from liger_kernel.ops import cross_entropy as liger
+
+    from fusedgpt.kernels.linear_cross_entropy import default_chunk_size
+
+    v, item = workload.vocab, torch.empty((), dtype=dtype).element_size()
+    rows = default_chunk_size(workload.tokens, v, dtype, use_triton=True)
+    logits = cr.meta_tensor(rows, v, dtype=dtype, strides=(workload.logits_row_stride, 1)).requires_grad_()
+    target = torch.zeros(rows, dtype=torch.int64)  # its launcher reads the targets on the host
+    with cr.launches(liger, "liger_cross_entropy_kernel") as both:
+        liger.cross_entropy_forward(logits, target, None, -100, 0.0, 0.0, "mean",
+                                    None, False)
+    # The loss and the gradient in one launch, written over the logits (as fusedgpt's
+    # forward+backward mode): read, then written, once each.
+    return [cr.jit_variant("cross_entropy", "fwd+bwd", both[0], impl="liger-kernel", workload=workload,
+                           show=("BLOCK_SIZE",), work=cr.Work("logit", both[0].args["BLOCK_SIZE"], 2 * item,
+                                                              loops="sequence"))]
+
+
+def _import_only(module: str) -> Callable:
+    """A peer whose kernels are not described here yet: importing it is all that is tried,
+    so that the table says why it is missing (an import failure, or "not described")."""
+
+    def describe(dtype: torch.dtype, workload: cr.Workload) -> list:
+        importlib.import_module(module)
+        return []
+
+    return describe
+
+
+# (package, op, describe): describe(dtype, workload) -> variants. A package whose import or
+# launcher fails is reported with the reason.
+PEERS: list[tuple[str, str, Callable]] = [
+    ("liger-kernel", "layernorm", _liger_layernorm),
+    ("liger-kernel", "cross_entropy", _liger_cross_entropy),
+    ("flag-gems", "attention", _import_only("flag_gems")),
+    ("flash-attn-triton", "attention", _import_only("flash_attn_triton")),
+]
+
+
+def peer_variants(dtypes: Sequence[str], workload_name: str, ops: Optional[Sequence[str]] = None,
+                  failures: Optional[list] = None) -> list[cr.KernelVariant]:
+    """The peers' variants for the workload; what fails is appended to ``failures``."""
+    found = []
+    for package, op, describe in PEERS:
+        if ops and op not in ops:
+            continue
+        for dtype_name in dtypes:
+            try:
+                variants = describe(cr.DTYPES[dtype_name], cr.workload(workload_name))
+                if not variants:
+                    raise RuntimeError("no kernel of this op is described for the static comparison yet")
+                found += variants
+            except Exception as exc:  # a peer that does not import or launch is a finding
+                if failures is not None:
+                    reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+                    failures.append(dict(op=op, impl=package, dtype=str(cr.DTYPES[dtype_name]).removeprefix("torch."),
+                                         workload=workload_name, error=reason[:300]))
+    return found
+
+
+def _fusedgpt_variants(ops, dtypes, workload_name) -> list[cr.KernelVariant]:
+    return cr.variants(ops, dtypes, workload_name)
+
+
+# ------------------------------------------------------------------ comparison
+
+
+def _comparable(row: dict) -> bool:
+    """The fusedgpt launches that do what the peers' do (see the module docstring)."""
+    config = row["config"]
+    return not (config.get("HAS_RESIDUAL") or config.get("HAS_DSUM") or config.get("HAS_DROPOUT")
+                or (row["op"] == "cross_entropy" and row["pass"] != "fwd+bwd"))
+
+
+def per_pass(rows: Sequence[dict]) -> list[dict]:
+    """One line per op x pass x arch x dtype x impl: the cheapest config of each kernel,
+    summed over the kernels of the pass (the attention backward: delta, dK/dV, dQ)."""
+    best: dict = {}
+    for row in rows:
+        if "error" in row or (row["impl"] == "fusedgpt" and not _comparable(row)):
+            continue
+        key = (row["op"], row["pass"], row["arch"], row["dtype"], row["impl"], row["kernel"])
+        if key not in best or row["model_cycles_per_unit"] < best[key]["model_cycles_per_unit"]:
+            best[key] = row
+    groups: dict = defaultdict(list)
+    for (op, pass_, arch, dtype, impl, _), row in best.items():
+        groups[(op, pass_, arch, dtype, impl)].append(row)
+    lines = []
+    for (op, pass_, arch, dtype, impl), kernels in sorted(groups.items()):
+        total = lambda key: sum(k[key] or 0 for k in kernels)  # noqa: E731
+        main = max(kernels, key=lambda k: k["model_cycles_per_unit"])
+        mma = [k["mma_redundancy"] for k in kernels if k["mma_redundancy"] is not None]
+        lines.append(dict(
+            op=op, pass_=pass_, arch=arch, dtype=dtype, impl=impl, unit=main["unit"],
+            kernels="; ".join(f"{k['kernel']} {' '.join(f'{a}={b}' for a, b in k['config'].items())} "
+                              f"w{k['num_warps']}s{k['num_stages']}" for k in kernels),
+            registers=max(k["registers"] for k in kernels), spill_bytes=total("spill_bytes"),
+            insts_per_unit=total("insts_per_unit"),
+            masked_insts_per_unit=main["masked_insts_per_unit"],
+            mufu_per_unit=total("mufu_per_unit"),
+            exp_ftz=main["exp_ftz"], load_widths=main["load_widths"], tma=total("tma"),
+            bytes_per_unit=total("bytes_per_unit"), min_bytes_per_unit=main["min_bytes_per_unit"],
+            mma_redundancy=sum(mma) if mma else None,
+            model_cycles_per_unit=total("model_cycles_per_unit"),
+        ))
+    best_peer: dict = {}
+    for line in lines:
+        if line["impl"] != "fusedgpt":
+            key = (line["op"], line["pass_"], line["arch"], line["dtype"])
+            best_peer[key] = min(best_peer.get(key, float("inf")), line["model_cycles_per_unit"])
+    for line in lines:
+        peer = best_peer.get((line["op"], line["pass_"], line["arch"], line["dtype"]))
+        line["ratio_to_best_peer"] = round(line["model_cycles_per_unit"] / peer, 2) if peer else None
+    return lines
+
+
+def markdown(lines: Sequence[dict], failures: Sequence[dict], header: str) -> str:
+    cols = ["op", "pass", "arch", "dtype", "impl", "unit", "insts/unit", "masked", "MUFU/unit", "exp FTZ",
+            "global mem (main loop)", "B/unit (min)", "MMA redund.", "regs", "model cyc/unit", "vs best peer",
+            "config"]
+    out = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    fmt = lambda x, spec=".3g": "-" if x is None else format(x, spec)  # noqa: E731
+    for line in lines:
+        out.append("| " + " | ".join([
+            line["op"], line["pass_"], line["arch"], line["dtype"], line["impl"], line["unit"],
+            fmt(line["insts_per_unit"]), fmt(line["masked_insts_per_unit"]), fmt(line["mufu_per_unit"]),
+            {None: "-", True: "yes", False: "no"}[line["exp_ftz"]],
+            " ".join(f"{k}x{v}" for k, v in sorted(line["load_widths"].items())) or "-",
+            f"{fmt(line['bytes_per_unit'])} ({fmt(line['min_bytes_per_unit'])})", fmt(line["mma_redundancy"], ".2f"),
+            str(line["registers"]), fmt(line["model_cycles_per_unit"]), fmt(line["ratio_to_best_peer"], ".2f"),
+            line["kernels"],
+        ]) + " |")
+    if failures:
+        out += ["", "Peers that did not build (listed, not dropped):", ""]
+        out += [f"- {f['impl']} / {f['op']} ({f['dtype']}): {f['error']}" for f in failures]
+    return "\n".join(out) + "\n"
+
+
+def json_rows(rows: Sequence[dict], failures: Sequence[dict]) -> list[dict]:
+    """Every build (the fields the issue names first), then the peers that failed."""
+    return [{"op": r["op"], "pass": r["pass"], "impl": r["impl"], "kernel": r["kernel"], "dtype": r["dtype"],
+             "arch": r["arch"], "workload": r["workload"], "config": {**r["config"], "num_warps": r["num_warps"],
+                                                                      "num_stages": r["num_stages"]},
+             **{k: v for k, v in r.items() if k not in ("op", "pass", "impl", "kernel", "dtype", "arch", "workload",
+                                                         "config")}}
+            for r in rows] + [dict(f, kernel=None, arch=None) for f in failures]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.static", description=__doc__.splitlines()[0])
+    parser.add_argument("--peers", action="store_true", help="compile the installed peer kernels too")
+    parser.add_argument("--arch", default="sm_80,sm_90")
+    parser.add_argument("--workload", default="gpt2", help=f"one of {', '.join(cr.WORKLOADS)}")
+    parser.add_argument("--dtype", default="bf16", help="comma-separated: fp32, fp16, bf16")
+    parser.add_argument("--op", default=None, help="comma-separated ops (default: all)")
+    parser.add_argument("--json", action="store_true", help="print every build as JSON rows")
+    parser.add_argument("--out", default=None, help="also write static-<workload>.md and .json to this folder")
+    parser.add_argument("--workers", type=int, default=None)
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET"):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.call([sys.executable, "-m", "bench.static", *(argv or sys.argv[1:])], env=env)
+    archs = [a for a in args.arch.split(",") if a]
+    dtypes = [d for d in args.dtype.split(",") if d]
+    ops = args.op.split(",") if args.op else None
+    workload = cr.workload(args.workload)
+    rows = cr.report(archs, workers=args.workers, source="bench.static:_fusedgpt_variants",
+                     source_kwargs=dict(ops=ops, dtypes=dtypes, workload_name=workload.name))
+    failures: list = []
+    if args.peers:
+        peer_variants(dtypes, workload.name, ops, failures)  # in this process: collect the reasons
+        rows += cr.report(archs, workers=args.workers, source="bench.static:peer_variants",
+                          source_kwargs=dict(dtypes=dtypes, workload_name=workload.name, ops=ops))
+    failures += [dict(op=r["op"], impl=r["impl"], dtype=r["dtype"], workload=r["workload"],
+                      error=f"{r['kernel']} {r['arch']}: {r['error']}") for r in rows if "error" in r]
+    from bench import common
+
+    versions = common.versions()
+    header = (f"# Static cost: fusedgpt vs peer Triton kernels, workload `{workload.name}` "
+              f"({workload})\n\nA MODEL read from SASS of ahead-of-time builds (no GPU ran anything): "
+              f"per unit of work, main-loop instructions, MUFU, global memory instructions and bytes, MMA "
+              f"redundancy, and modelled SM cycles = max(tensor core, MUFU, issue, memory) with the constants of "
+              f"docs/verification.md (sm_80 = A100 SXM 80GB, sm_90 = H100 SXM). Ratio < 1: fusedgpt modelled "
+              f"cheaper than the best peer. Triton {versions['triton']}, torch {versions['torch']}, commit "
+              f"{versions['commit']}, {versions['date']}. Regenerate: `python -m bench.static --peers --out "
+              f"bench/results/static`.")
+    table = markdown(per_pass(rows), failures, header)
+    if args.json:
+        print(json.dumps(json_rows(rows, failures), indent=1))
+    else:
+        print(table)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"static-{workload.name}.md"), "w") as handle:
+            handle.write(table)
+        with open(os.path.join(args.out, f"static-{workload.name}.json"), "w") as handle:
+            json.dump(json_rows(rows, failures), handle, indent=1)
+    return 1 if cr.problems([r for r in rows if r["impl"] == "fusedgpt"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
