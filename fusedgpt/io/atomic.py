@@ -9,15 +9,20 @@ one. Two renames cannot be one step, so a process killed between them leaves the
 at the backup path and nothing at the target: :func:`recover` puts it back, and every reader
 and writer of these directories calls it first. Stale staging directories (from a killed
 writer) may be deleted freely; backups never are while the target is missing.
+
+An existing *empty* target (for example a mount point, which cannot be renamed) is filled
+in place instead: there is nothing in it to lose.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 STAGING_SUFFIX = ".tmp"
 BACKUP_SUFFIX = ".replaced"
@@ -54,6 +59,15 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
+def sha256(path: Path) -> str:
+    """The hex sha256 of a file's contents, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def recover(target: Path) -> None:
     """Finish what a :func:`swap_in` killed between its renames left behind: the old
     directory goes back to ``target`` when the new one never arrived; once the new one
@@ -77,6 +91,13 @@ def swap_in(staged: Path, target: Path) -> None:
         if replacing:
             os.rename(target, backup_path(target))
         os.rename(staged, target)
+    except OSError as exc:
+        recover(target)
+        if exc.errno in (errno.EBUSY, errno.EXDEV):
+            raise OSError(exc.errno, f"cannot replace {target} in one step: it is a mount point or on another file "
+                                     f"system than {target.parent} ({exc.strerror}); write into an empty directory "
+                                     "instead, or a new one beside it") from exc
+        raise
     except BaseException:
         recover(target)
         raise
@@ -86,9 +107,19 @@ def swap_in(staged: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def replacing(target: Path) -> Iterator[Path]:
+def replacing(target: Path, marker: Optional[str] = None) -> Iterator[Path]:
     """An empty staging directory to write ``target``'s new contents into; on a clean exit it
-    is swapped in (:func:`swap_in`), on an error deleted, leaving ``target`` as it was."""
+    is swapped in (:func:`swap_in`), on an error deleted, leaving ``target`` as it was.
+
+    An existing empty ``target`` has nothing to lose and may be a mount point, which cannot
+    be renamed: it is filled in place instead, from a staging directory inside it, the file
+    ``marker`` (the one whose presence tells readers the contents are complete) moved in last.
+    """
+    target = Path(target)
+    if target.is_dir() and not any(target.iterdir()):
+        with _filling(target, marker) as staging:
+            yield staging
+        return
     staging = staging_path(target)
     shutil.rmtree(staging, ignore_errors=True)  # left by a writer that was killed
     staging.mkdir(parents=True)
@@ -97,4 +128,24 @@ def replacing(target: Path) -> Iterator[Path]:
         swap_in(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def _filling(target: Path, marker: Optional[str]) -> Iterator[Path]:
+    """:func:`replacing` for an empty ``target``; on an error it is left empty again."""
+    staging = target / ("." + target.name + STAGING_SUFFIX)
+    staging.mkdir()
+    try:
+        yield staging
+        for entry in sorted(staging.iterdir(), key=lambda entry: entry.name == marker):
+            os.rename(entry, target / entry.name)
+        staging.rmdir()
+        fsync(target)
+    except BaseException:
+        for entry in target.iterdir():
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
         raise

@@ -209,9 +209,9 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, trained_tokenizer = load_for_generation(args.checkpoint, backend=choose_backend(device, args.backend))
     model.to(device)
-    tokenizer = get_tokenizer(args.tokenizer or trained_tokenizer or "gpt2")
-    if tokenizer.n_vocab > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.n_vocab} tokens, the model only {model.config.vocab_size}")
+    name = args.tokenizer or trained_tokenizer or "gpt2"
+    tokenizer = get_tokenizer(name)
+    check_tokenizer_fits(tokenizer, name, model.config.vocab_size)
     eos_id = tokenizer.eot_token if "<|endoftext|>" in tokenizer.special_tokens_set else None
     if not args.prompt and eos_id is None:
         raise ValueError("--prompt is empty and the tokenizer has no <|endoftext|> token to start from")
@@ -230,6 +230,20 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write(text.decode(b"", final=True) + "\n")
     return 0
+
+
+def check_tokenizer_fits(tokenizer, name: str, vocab_size: int) -> None:
+    """Refuse a tokenizer whose vocabulary is not the model's: with more tokens it encodes
+    ids the model has no embedding for, with fewer the model can produce ids it cannot
+    decode (a ``KeyError`` in the middle of the output).
+
+    Raises:
+        ValueError: naming the tokenizer and both sizes.
+    """
+    if tokenizer.n_vocab != vocab_size:
+        relation = "more" if tokenizer.n_vocab > vocab_size else "fewer"
+        raise ValueError(f"the tokenizer {name} has {tokenizer.n_vocab} tokens, {relation} than the model's "
+                         f"{vocab_size}: pass the --tokenizer the model was trained with")
 
 
 def load_for_generation(checkpoint: Union[str, os.PathLike], *, backend: str = "auto") -> tuple[GPT, Optional[str]]:

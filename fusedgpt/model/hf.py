@@ -47,7 +47,20 @@ def load(path: PathLike, **overrides: Any) -> tuple[GPTConfig, dict[str, Tensor]
     directory = resolve(path)
     config_path = directory / "config.json"
     config = config_from_hf(_read_json(config_path), source=str(config_path), **overrides)
-    return config, state_from_hf(read_weights(directory), config)
+    weights = read_weights(directory)
+    _check_vocab_rows(weights, config, config_path)
+    return config, state_from_hf(weights, config)
+
+
+def _check_vocab_rows(hf_state: dict[str, Tensor], config: GPTConfig, config_path: Path) -> None:
+    """The embedding (and an untied head) must have one row per token of ``vocab_size``:
+    rows the config claims but the weights lack would be zero-filled, and sampling them
+    gives ids no tokenizer of that model can decode."""
+    for name, tensor in hf_state.items():
+        if name.endswith("wte.weight") or name == "lm_head.weight":
+            if tensor.dim() != 2 or tensor.shape[0] != config.vocab_size:
+                raise ValueError(f"{config_path} says vocab_size={config.vocab_size}, but the weights' {name} has "
+                                 f"shape {tuple(tensor.shape)}: config and weights do not belong together")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -67,9 +67,6 @@ DEFAULT_SHARD_TOKENS = 100_000_000
 # longer whitespace run would not be: at the end of a text it becomes one piece, inside
 # the text its last character splits off.)
 _SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
-# What a prepared directory holds; preparing again replaces the directory whole, so one
-# holding anything else is refused rather than deleted.
-_PREPARED_FILE = re.compile(r"^(meta\.json|\.tokens\.tmp|(train|val)_\d+\.bin)$")
 
 PathLike = Union[str, os.PathLike]
 
@@ -121,14 +118,16 @@ def open_shard(path: PathLike) -> np.ndarray:
 
 
 def collect_inputs(inputs: Sequence[PathLike]) -> list[Path]:
-    """The files to prepare, in order: files as given, directories walked recursively in
-    sorted order for ``.txt``/``.text``/``.md``/``.jsonl`` files (hidden entries skipped)."""
+    """The files to prepare, in order, as absolute paths: files as given, directories walked
+    recursively in sorted order for ``.txt``/``.text``/``.md``/``.jsonl`` files (hidden
+    entries skipped)."""
     if not inputs:
         raise DataError("no input given")
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
+            path = path.absolute()
             found = sorted(
                 p
                 for p in path.rglob("*")
@@ -140,7 +139,7 @@ def collect_inputs(inputs: Sequence[PathLike]) -> list[Path]:
                 raise DataError(f"directory {path} holds no {'/'.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files")
             files.extend(found)
         elif path.is_file():
-            files.append(path)
+            files.append(path.absolute())
         elif path.exists():
             raise DataError(f"input {path} is neither a file nor a directory")
         else:
@@ -171,7 +170,8 @@ def _split_at_safe_cuts(text: str, chunk_chars: int) -> tuple[list[str], str]:
 def _read_text_file(path: Path, chunk_chars: int) -> Iterator[str]:
     """The pieces of one text file, streamed so that a large file never sits in memory whole."""
     try:
-        with open(path, "r", encoding="utf-8", newline="") as f:
+        # utf-8-sig: a byte-order mark some editors put first is not text.
+        with open(path, "r", encoding="utf-8-sig", newline="") as f:
             pending = ""
             while True:
                 block = f.read(chunk_chars)
@@ -190,7 +190,7 @@ def _read_text_file(path: Path, chunk_chars: int) -> Iterator[str]:
 def _read_jsonl_file(path: Path) -> Iterator[str]:
     """The ``text`` field of every record of a JSONL file (blank lines skipped)."""
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, "r", encoding="utf-8-sig") as f:
             for number, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -348,23 +348,37 @@ def prepare(
     out = Path(out).absolute()
     _check_replaceable(out)
 
-    with atomic.replacing(out) as staging:
+    with atomic.replacing(out, marker=META_FILE) as staging:
         meta = _write_prepared(files, total_bytes, staging, encoding, tokenizer, val_fraction, workers, shard_tokens,
                                progress, chunk_chars)
     return meta
 
 
 def _check_replaceable(out: Path) -> None:
-    """Refuse an ``out`` that :func:`prepare` could not replace without losing something."""
+    """Refuse an ``out`` that :func:`prepare` could not replace without losing something:
+    anything but a new or empty directory, or an earlier preparation -- judged by content,
+    not by file names: its ``meta.json`` a token-shard record, every other file a shard that
+    record lists and whose header checks out."""
     atomic.recover(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file; it must be a directory (new, empty or an earlier preparation)")
-    if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if not _PREPARED_FILE.match(p.name))
-        if foreign:
-            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-            raise DataError(f"--out {out} holds files that fusedgpt prepare did not write ({shown}); preparing "
-                            "replaces the whole directory, so choose a new or empty one")
+    if not out.is_dir():
+        return
+    present = sorted(p.name for p in out.iterdir())
+    ours: set[str] = set()
+    try:
+        meta = read_meta(out)
+        listed = [*meta["train_shards"], *meta["val_shards"]]
+        for name in listed:
+            open_shard(out / name)
+        ours = {META_FILE, *listed}
+    except (DataError, KeyError, TypeError):
+        pass  # not (wholly) an earlier preparation: then nothing in it is known to be ours
+    foreign = [name for name in present if name not in ours]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise DataError(f"--out {out} holds files that fusedgpt prepare did not write ({shown}); preparing "
+                        "replaces the whole directory, so choose a new or empty one")
 
 
 def _write_prepared(files: Sequence[Path], total_bytes: int, out: Path, encoding, tokenizer: str, val_fraction: float,
@@ -408,7 +422,7 @@ def _write_prepared(files: Sequence[Path], total_bytes: int, out: Path, encoding
     meta = {
         "format": "fusedgpt-tokens",
         "version": VERSION,
-        "tokenizer": tokenizer,
+        "tokenizer": absolute_path(tokenizer),
         "vocab_size": encoding.n_vocab,
         "eot_token": encoding.eot_token,
         "train_tokens": n_train,
@@ -425,6 +439,16 @@ def _write_prepared(files: Sequence[Path], total_bytes: int, out: Path, encoding
     return meta
 
 
+def absolute_path(name: Optional[str]) -> Optional[str]:
+    """A data or tokenizer argument as stored in a run's records: an existing file or
+    directory as an absolute path, so the run can be resumed or sampled from any working
+    directory; ``None`` and the tokenizer name ``"gpt2"`` (which wins over a file of that
+    name) as they are."""
+    if name is None or name == "gpt2" or not Path(name).exists():
+        return name
+    return str(Path(name).absolute())
+
+
 def is_prepared(path: PathLike) -> bool:
     """Whether ``path`` is a finished ``fusedgpt prepare`` directory."""
     atomic.recover(Path(path))
@@ -439,9 +463,9 @@ def read_meta(path: PathLike) -> dict:
         meta = json.loads(meta_path.read_text())
     except FileNotFoundError as exc:
         raise DataError(f"{path} is not a prepared data directory (no {META_FILE}; run `fusedgpt prepare`)") from exc
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not JSON
         raise DataError(f"cannot read {meta_path}: {exc}") from exc
-    if meta.get("format") != "fusedgpt-tokens":
+    if not isinstance(meta, dict) or meta.get("format") != "fusedgpt-tokens":
         raise DataError(f"{meta_path} does not describe fusedgpt token shards")
     return meta
 

@@ -31,6 +31,8 @@ from fusedgpt.hardware import add_device_arguments, autocast, choose_backend, re
 from fusedgpt.model.config import PRESETS, GPTConfig
 from fusedgpt.model.gpt import GPT
 from fusedgpt.io import checkpoint as ckpt
+from fusedgpt.io import written
+from fusedgpt.io.runlock import RunLock
 from fusedgpt.train.lora import GROUPS, LAYERS, LoRAConfig, apply_lora, parameter_counts
 from fusedgpt.train.trainer import TrainConfig, TrainingDiverged, lr_at, make_optimizer
 
@@ -89,7 +91,7 @@ def load_base(checkpoint: Optional[str], *, preset: str, tokenizer: Optional[str
               device: torch.device, seed: int) -> Base:
     """The model to fine-tune: ``checkpoint`` (see the module docstring), or a fresh
     ``preset`` model initialised from ``seed`` with the tokenizer's vocabulary."""
-    from fusedgpt.model.generate import load_for_generation
+    from fusedgpt.model.generate import check_tokenizer_fits, load_for_generation
     from fusedgpt.model.tokenizer import get_tokenizer
 
     torch.manual_seed(seed)
@@ -103,8 +105,7 @@ def load_base(checkpoint: Optional[str], *, preset: str, tokenizer: Optional[str
         name = tokenizer or trained_tokenizer or "gpt2"
         encoding = get_tokenizer(name)
         source = checkpoint
-        if encoding.n_vocab > model.config.vocab_size:
-            raise ValueError(f"the tokenizer {name} has {encoding.n_vocab} tokens, the model only {model.config.vocab_size}")
+        check_tokenizer_fits(encoding, name, model.config.vocab_size)
     if "<|endoftext|>" not in encoding.special_tokens_set:
         raise ValueError(f"the tokenizer {name} has no <|endoftext|> token, which fine-tuning pads and ends texts with")
     return Base(model.to(device).train(), encoding, name, source)
@@ -134,7 +135,7 @@ def train(model: torch.nn.Module, cfg: FinetuneConfig, num_examples: int, batch_
     train mode or not touch it).
 
     Raises:
-        TrainingDiverged: a non-finite loss (the step is not taken).
+        TrainingDiverged: a non-finite loss or gradient norm (the step is not taken).
     """
     from tqdm.auto import tqdm
 
@@ -156,7 +157,10 @@ def train(model: torch.nn.Module, cfg: FinetuneConfig, num_examples: int, batch_
                 if not math.isfinite(loss.item()):
                     raise TrainingDiverged(f"non-finite loss ({loss.item()}) at step {step + 1}; stopped")
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+                if not math.isfinite(norm):  # the step would write NaN into every weight that trains
+                    raise TrainingDiverged(f"non-finite gradient norm ({norm}) at step {step + 1}; stopped "
+                                           "without updating the weights")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -180,24 +184,37 @@ class MetricsLog:
         self.records: list[dict[str, Any]] = []
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("")
+        written.record_written(path.parent, path)
 
     def add(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        written.record_written(self.path.parent, self.path)
 
 
-def check_out(out: PathLike) -> None:
-    """Refuse an output directory that already holds a checkpoint (as ``fusedgpt train`` does)."""
+def check_out(out: PathLike, command: str) -> RunLock:
+    """Take the output directory for ``command`` (e.g. ``"fusedgpt finetune-classify"``):
+    its lock (see :mod:`fusedgpt.io.runlock`), returned to hold for the command's life,
+    once it is clear that it holds no checkpoint (as ``fusedgpt train`` refuses to write over
+    one) and no file that fusedgpt did not write (see :mod:`fusedgpt.io.written`): the command
+    writes its data, metrics and results there."""
+    lock = RunLock(out, command)
     if ckpt.list_checkpoints(out):
         raise ValueError(f"{out} already holds a checkpoint; choose another --out or remove it")
+    written.check_only_ours(out, command)
+    return lock
 
 
 def save(out: PathLike, step: int, model: torch.nn.Module, meta: dict[str, Any]) -> Path:
     """Write the fine-tuned model as ``OUT/ckpt_{step}`` (atomically; no optimizer state).
     ``named_parameters`` lists a tied weight once, under its first name."""
     weights = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    return ckpt.save_checkpoint(out, step, weights, None, meta, keep_last=1)
+    if not ckpt.weights_finite(weights):
+        raise TrainingDiverged("the fine-tuned weights hold NaN or infinite values; not saving them")
+    path = ckpt.save_checkpoint(out, step, weights, None, meta, keep_last=1)
+    written.record_written(out, path)
+    return path
 
 
 def open_finetuned(path: PathLike, task: str, *, backend: str) -> tuple[ckpt.Checkpoint, GPT]:

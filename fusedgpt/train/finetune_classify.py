@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from fusedgpt.hardware import add_device_arguments, autocast, choose_backend, resolve_device
+from fusedgpt.io import written
 from fusedgpt.kernels import cross_entropy
 from fusedgpt.model.gpt import GPT
 from fusedgpt.train import finetune
@@ -233,6 +234,7 @@ def load_splits(args: argparse.Namespace, out: Path) -> tuple[dict[str, list[tup
             raise ValueError("--val and --test go with --data")
         for name, rows in fdata.genre_dataset().items():
             fdata.write_csv(out / "data" / f"{name}.csv", rows, ("text", "label"))
+        written.record_written(out, out / "data")
         data, given, columns = str(out / "data" / "train.csv"), {n: str(out / "data" / f"{n}.csv") for n in given}, ("text", "label")
     missing = [name for name, path in given.items() if path is None]
     fractions = {"val": args.val_fraction, "test": args.test_fraction}
@@ -255,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.lora is not None and args.train is not None:
         raise ValueError("--train and --lora-rank exclude each other: with LoRA the adapters and the head train")
     out = Path(args.out)
-    finetune.check_out(out)
+    lock = finetune.check_out(out, "fusedgpt finetune-classify")
     splits, sources = load_splits(args, out)
     classes = sorted({label for _, label in splits["train"]})
     if len(classes) < 2:
@@ -329,7 +331,9 @@ def run(args: argparse.Namespace) -> int:
             "finetune": cfg.to_dict(), "results": results}
     path = finetune.save(out, steps, model, meta)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    written.record_written(out, out / "results.json")
     print(f"saved the classifier to {path}; try: fusedgpt classify --checkpoint {out} \"TEXT\"")
+    lock.release()
     return 0
 
 

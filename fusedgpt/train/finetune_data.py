@@ -65,11 +65,13 @@ class FinetuneDataError(ValueError):
 
 
 def read_records(path: PathLike) -> list[dict[str, Any]]:
-    """The rows of a CSV/TSV file (by its header) or the objects of a JSON Lines / JSON file.
+    """The rows of a CSV/TSV file (by its header) or the objects of a JSON Lines / JSON file,
+    read as UTF-8 (a leading byte-order mark is skipped).
 
     Raises:
         FileNotFoundError: no such file.
-        FinetuneDataError: an unknown suffix, a malformed row, or no rows at all.
+        FinetuneDataError: an unknown suffix, text that is not UTF-8, a malformed row, or no
+            rows at all.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -77,7 +79,7 @@ def read_records(path: PathLike) -> list[dict[str, Any]]:
         raise FinetuneDataError(f"{path}: unknown file type {suffix!r}; use one of {', '.join(TABLE_SUFFIXES)}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    text = _decode(path, path.read_bytes())
     if suffix in (".csv", ".tsv"):
         reader = csv.DictReader(text.splitlines(keepends=True), delimiter="," if suffix == ".csv" else "\t")
         records = []
@@ -99,6 +101,22 @@ def read_records(path: PathLike) -> list[dict[str, Any]]:
     if not records:
         raise FinetuneDataError(f"{path} is empty: no examples")
     return records
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    """The text of a UTF-8 file, without the byte-order mark some programs write first
+    (Excel's "CSV UTF-8"), which would otherwise become part of the first column's name.
+
+    Raises:
+        FinetuneDataError: the file is not UTF-8, naming the line and the byte.
+    """
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise FinetuneDataError(
+            f"{path}, line {line}: not UTF-8 text (byte {raw[exc.start]:#04x}: {exc.reason}); save the file as UTF-8 "
+            "-- a byte like this is usually Latin-1 or Windows-1252, e.g. `iconv -f latin1 -t utf-8 FILE`") from exc
 
 
 def _json_object(path: Path, line: str, number: int) -> dict[str, Any]:

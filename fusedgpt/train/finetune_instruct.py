@@ -49,6 +49,7 @@ from typing import Any, Sequence
 import torch
 
 from fusedgpt.hardware import autocast, resolve_device
+from fusedgpt.io import written
 from fusedgpt.model.gpt import GPT
 from fusedgpt.train import finetune
 from fusedgpt.train import finetune_data as fdata
@@ -124,6 +125,29 @@ def collate(batch: Sequence[EncodedInstruction], pad_id: int, mask_prompt: bool)
     return inputs, targets
 
 
+def learnable(examples: list[EncodedInstruction], mask_prompt: bool, what: str,
+              context_length: int) -> list[EncodedInstruction]:
+    """The examples that have a target token. With ``mask_prompt`` an example whose prompt
+    fills the context has none -- it would teach nothing and report a loss of 0 -- so those
+    are left out, with a warning counting them.
+
+    Raises:
+        FinetuneDataError: no example of ``what`` (e.g. ``"train (FILE)"``) has a target token.
+    """
+    if not mask_prompt:
+        return examples  # every sequence of two or more tokens has targets
+    kept = [e for e in examples if len(e.tokens) > e.prompt_length]
+    if not kept:
+        raise fdata.FinetuneDataError(
+            f"none of the {len(examples)} {what} examples has a response token within the context "
+            f"({context_length} + 1 tokens): with --mask-prompt nothing would be learned. Shorten the prompts, "
+            "use a model with a longer context, or train without --mask-prompt")
+    if len(kept) < len(examples):
+        print(f"warning: {len(examples) - len(kept)} of {len(examples)} {what} examples have no response token "
+              f"within the context ({context_length} + 1 tokens) and are left out (--mask-prompt)")
+    return kept
+
+
 @torch.no_grad()
 def held_out_loss(model: GPT, data: Sequence[EncodedInstruction], pad_id: int, mask_prompt: bool,
                   batch_size: int, device: torch.device) -> float:
@@ -182,6 +206,7 @@ def load_examples(args: argparse.Namespace, out: Path) -> tuple[dict[str, list[I
         for name, examples in splits.items():
             sources[name] = str(out / "data" / f"{name}.jsonl")
             fdata.write_jsonl(sources[name], (e.to_dict() for e in examples))
+        written.record_written(out, out / "data")
         return splits, sources
     if args.val is not None:
         return ({"train": fdata.read_instructions(args.data), "val": fdata.read_instructions(args.val)},
@@ -198,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     if args.responses < 0 or args.max_new_tokens < 1:
         raise ValueError(f"need --responses >= 0 and --max-new-tokens >= 1, got {args.responses} and {args.max_new_tokens}")
     out = Path(args.out)
-    finetune.check_out(out)
+    lock = finetune.check_out(out, "fusedgpt finetune-instruct")
     examples, sources = load_examples(args, out)
     template = TEMPLATES[args.template]
 
@@ -212,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
         if truncated:
             print(f"warning: {truncated} of {len(items)} {name} examples are longer than the context "
                   f"({model.config.context_length} + 1 tokens) and were truncated")
+        data[name] = learnable(data[name], args.mask_prompt, f"{name} ({sources[name]})", model.config.context_length)
     if cfg.lora is not None:
         apply_lora(model, cfg.lora)
     print("training: " + (f"LoRA rank={cfg.lora.rank} alpha={cfg.lora.alpha:g} on {','.join(cfg.lora.targets)}"
@@ -243,6 +269,7 @@ def run(args: argparse.Namespace) -> int:
     answered = examples["val"][: args.responses]
     responses = respond(model, tokenizer, [template.format(e) for e in answered], args.max_new_tokens, device)
     fdata.write_jsonl(out / "responses.jsonl", ({**e.to_dict(), "response": r} for e, r in zip(answered, responses)))
+    written.record_written(out, out / "responses.jsonl")
     exact = sum(r.strip() == e.output.strip() for e, r in zip(answered, responses))
     print(f"responses to {len(answered)} held-out instructions: {out / 'responses.jsonl'} "
           f"(beside each reference 'output'); {exact} ({exact / max(len(answered), 1):.0%}) match it exactly")
@@ -257,7 +284,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"saved the model to {path}")
     if not has_lora(model):
         model.save_pretrained(out / "hf")
+        written.record_written(out, out / "hf")
         print(f"GPT-2 (Hugging Face) export: {out / 'hf'}; fusedgpt generate --checkpoint {out} reads the checkpoint")
+    lock.release()
     return 0
 
 

@@ -36,10 +36,16 @@ from fusedgpt.kernels.backend import BACKENDS
 from fusedgpt.model.config import PRESETS, GPTConfig, rename_legacy_backend
 from fusedgpt.model.gpt import GPT
 from fusedgpt.io import checkpoint as ckpt
+from fusedgpt.io import jsonl
+from fusedgpt.io.runlock import RunLock
 from fusedgpt.train import data as data_mod
 from fusedgpt.train import distributed
 
 METRICS_FILE = "metrics.jsonl"
+# Seeds feed numpy's and torch's generators, which take non-negative integers of bounded size.
+MAX_SEED = 2**32
+# Rates are applied to float32 weights: a larger one is infinite there.
+MAX_RATE = float(torch.finfo(torch.float32).max)
 PLOT_FILE = "loss.png"
 
 
@@ -112,10 +118,14 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if self.context_length is not None and (not isinstance(self.context_length, int) or self.context_length < 1):
             raise ValueError(f"context_length must be a positive integer, got {self.context_length!r}")
-        if not self.lr > 0 or (self.min_lr is not None and not 0 <= self.min_lr <= self.lr):
-            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("grad_clip and weight_decay must be non-negative")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        if not 0 < self.lr <= MAX_RATE or (self.min_lr is not None and not 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"need 0 < lr <= {MAX_RATE:.3g} (the optimizer applies it in float32) and "
+                             f"0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if not 0 <= self.grad_clip <= math.inf or not 0 <= self.weight_decay <= MAX_RATE:
+            raise ValueError(f"grad_clip and weight_decay must be non-negative numbers, got grad_clip={self.grad_clip}, "
+                             f"weight_decay={self.weight_decay}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
@@ -200,7 +210,8 @@ def _full_state_options():
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the run stopped without taking that step."""
+    """The loss or the gradient norm became NaN or infinite; the run stopped without taking
+    that step, so the weights (and every checkpoint) are finite."""
 
 
 class _StopRequest:
@@ -255,9 +266,11 @@ class Trainer:
         self.dist = dist or distributed.setup(cfg.device)
         self.device = self.dist.device
         self.out = Path(cfg.out)
+        # One writer per run directory, from here to the end of run(); rank 0 writes.
+        self.lock = RunLock(self.out, "fusedgpt train") if self.dist.is_main else None
         self.resume_from: Optional[ckpt.Checkpoint] = None
         if cfg.resume:
-            self.resume_from = resume_from or ckpt.open_checkpoint(self.out)
+            self.resume_from = resume_from or ckpt.open_checkpoint(self.out, validate=_check_stored_config)
         elif resume_from is not None:
             raise ValueError("resume_from is the checkpoint a run with resume=True continues from; this run does not resume")
         elif ckpt.list_checkpoints(self.out):
@@ -349,7 +362,7 @@ class Trainer:
         return (
             meta.get("sources") == [str(p) for p in files]
             and meta.get("source_bytes") == sum(p.stat().st_size for p in files)
-            and meta.get("tokenizer") == self.cfg.tokenizer
+            and meta.get("tokenizer") == data_mod.absolute_path(self.cfg.tokenizer)
             and meta.get("val_fraction") == self.cfg.val_fraction
         )
 
@@ -365,7 +378,8 @@ class Trainer:
         micro-batches and the gradient norm before clipping.
 
         Raises:
-            TrainingDiverged: the loss was not finite; the weights were not updated.
+            TrainingDiverged: the loss or the gradient norm was not finite; the weights were
+                not updated.
         """
         cfg = self.cfg
         lr = lr_at(step, cfg)
@@ -387,15 +401,23 @@ class Trainer:
         total = distributed.all_reduce_sum(loss_sum / cfg.grad_accum)
         mean_loss = total.item() / self.dist.world_size
         if not math.isfinite(mean_loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written"
-            raise TrainingDiverged(f"non-finite training loss ({mean_loss}) at step {step + 1}; stopped without updating the weights; {kept}")
+            self._diverged(f"non-finite training loss ({mean_loss}) at step {step + 1}")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
             norm = norm.full_tensor()
+        # A finite loss can still have a NaN/infinite gradient (an overflow in backward):
+        # clipping cannot repair it, and the step would write NaN into every weight.
+        if not math.isfinite(float(norm)):
+            self._diverged(f"non-finite gradient norm ({float(norm)}) at step {step + 1} (training loss {mean_loss:.4f})")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return mean_loss, float(norm)
+
+    def _diverged(self, what: str) -> None:
+        """Stop the run before the optimizer step: the weights in memory and on disk stay finite."""
+        self.optimizer.zero_grad(set_to_none=True)
+        kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written"
+        raise TrainingDiverged(f"{what}; stopped without updating the weights; {kept}")
 
     # ------------------------------------------------------------------ evaluation
 
@@ -436,13 +458,17 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         cfg = self.cfg
+        if not self._weights_finite():  # never a checkpoint that generates "!!!!" or diverges on resume
+            self._diverged(f"the weights hold NaN or infinite values at step {self.step}; not saving them")
         weights = get_model_state_dict(self.model, options=_full_state_options())
         optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=_full_state_options())
         if self.model.config.tie_weights:
             weights.pop("lm_head.weight", None)  # the token embedding, stored once
         meta = {
             "model": self.model.config.to_dict(),
-            "train": {**dataclasses.asdict(cfg), "resume": False},
+            # Absolute paths, so the run can be resumed from another working directory.
+            "train": {**dataclasses.asdict(cfg), "resume": False, "data": data_mod.absolute_path(cfg.data),
+                      "tokenizer": data_mod.absolute_path(cfg.tokenizer)},
             "data": {
                 "sampler": "random-windows",
                 "seed": cfg.seed,
@@ -458,13 +484,21 @@ class Trainer:
         self.last_checkpoint = self.out / ckpt.checkpoint_name(self.step)
         return self.last_checkpoint
 
+    def _weights_finite(self) -> bool:
+        """Whether every rank's parameters (its shards, under FSDP) are all finite."""
+        local = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+                    for p in self.model.parameters())
+        flag = torch.tensor([float(local)], device=self.device)
+        return distributed.all_reduce_sum(flag).item() == self.dist.world_size
+
     def _open_metrics(self):
         """``OUT/metrics.jsonl`` for appending; on resume, records after the resumed step
         (from a run that went on past its last checkpoint) are dropped first."""
         path = self.out / METRICS_FILE
         if self.resume_from is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= self.step]
-            path.write_text("".join(line + "\n" for line in kept))
+            # read_records drops a line torn by a full disk or a kill, with a warning naming the file.
+            kept = [r for r in jsonl.read_records(path) if isinstance(r.get("step"), int) and r["step"] <= self.step]
+            jsonl.rewrite(path, kept)
         elif self.resume_from is None:
             path.unlink(missing_ok=True)
         return open(path, "a")
@@ -557,6 +591,8 @@ class Trainer:
                 plot_metrics(self.out / METRICS_FILE, self.out / PLOT_FILE)
             if tensorboard is not None:
                 tensorboard.close()
+            if self.lock is not None:
+                self.lock.release()
         if main:
             if val_losses:
                 last = max(val_losses)
@@ -671,14 +707,28 @@ def resolve_config(flags: dict[str, Any], config_file: Optional[str] = None) -> 
             values[key] = value
     resume_from = None
     if values.get("resume"):
-        resume_from = ckpt.open_checkpoint(values.get("out", TrainConfig.out))
-        stored = resume_from.meta.get("train")
-        if not isinstance(stored, dict):
-            raise ckpt.CheckpointError(f"checkpoint {resume_from.path} records no training configuration")
+        out = values.get("out", TrainConfig.out)
+        # Not while another process writes the run (opening it may finish an interrupted save).
+        with RunLock(out, "fusedgpt train") if Path(out).is_dir() else contextlib.nullcontext():
+            resume_from = ckpt.open_checkpoint(out, validate=_check_stored_config)
+        stored = resume_from.meta["train"]
         model = {**stored.get("model", {}), **model}
         values = {**stored, **values}
     values["model"] = model
     return TrainConfig.from_dict(values, source=config_file or "configuration"), resume_from
+
+
+def _check_stored_config(checkpoint: ckpt.Checkpoint) -> None:
+    """A checkpoint to resume must record a usable training and model configuration; one
+    whose record is damaged is passed over like any other damaged checkpoint."""
+    stored = checkpoint.meta.get("train")
+    if not isinstance(stored, dict):
+        raise ckpt.CheckpointError(f"checkpoint {checkpoint.path} records no training configuration")
+    try:
+        TrainConfig.from_dict(stored)
+    except (TypeError, ValueError) as exc:
+        raise ckpt.CheckpointError(f"checkpoint {checkpoint.path} records an invalid training configuration: {exc}") from exc
+    checkpoint.model_config(GPTConfig, "torch")
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Optional[ckpt.Checkpoint]]:

@@ -155,8 +155,8 @@ def test_resume_refuses_a_changed_model(two_step_run, capsys):
 
 def test_resume_verifies_the_checkpoint_once(two_step_run, monkeypatch):
     hashed = []
-    real_sha256 = ckpt._sha256
-    monkeypatch.setattr(ckpt, "_sha256", lambda path: hashed.append(path) or real_sha256(path))
+    real_sha256 = ckpt.atomic.sha256
+    monkeypatch.setattr(ckpt.atomic, "sha256", lambda path: hashed.append(path) or real_sha256(path))
     assert main(["train", "--out", str(two_step_run), "--resume", "--max-steps", "3", "--no-progress"]) == 0
     resumed = two_step_run / "ckpt_00000002"
     assert sorted(p.name for p in hashed if p.parent == resumed) == ["model.safetensors", "state.pt"]
