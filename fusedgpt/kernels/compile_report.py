@@ -672,6 +672,10 @@ def run(args: argparse.Namespace) -> int:
     bad_dtypes = [d for d in dtypes if d not in DTYPES]
     if bad_dtypes:
         raise SystemExit(f"--dtype: unknown {bad_dtypes}; known: {list(DTYPES)}")
+    known_ops = sorted({variant.op for variant in variants(workload_name=workload(args.workload).name)})
+    bad_ops = [op for op in ops or () if op not in known_ops]
+    if bad_ops:  # else the report would have 0 builds and pass
+        raise SystemExit(f"--op: unknown {bad_ops}; known: {known_ops}")
     rows = report(archs, ops, args.workers, workload(args.workload).name, dtypes)
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -402,3 +402,8 @@ def test_a_run_started_with_relative_paths_resumes_from_another_directory(corpus
     assert stored["data"] == str(work / "data")
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--out", str(work / "run"), "--resume", "--max-steps", "3", "--no-progress"]) == 0
+
+
+def test_inspecting_an_unknown_op_fails_listing_the_known_ones(capfd):
+    assert main(["kernels", "inspect", "--op", "nope", "--arch", "sm_80"]) != 0
+    assert "--op: unknown ['nope']; known: ['attention'" in capfd.readouterr().err
