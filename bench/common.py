@@ -14,6 +14,7 @@ from typing import Callable, NoReturn, Optional, Sequence
 import torch
 
 from fusedgpt.kernels.backend import interpreter_on
+from fusedgpt.train.plot import bar_chart  # noqa: F401  (the benchmarks plot with the package's helper)
 
 CPU_WARNING = (
     "CPU SMOKE MODE: these timings come from the Triton interpreter / eager PyTorch on a CPU. "
@@ -101,23 +102,3 @@ def write_csv(path: str, rows: Sequence[dict], columns: Sequence[str]) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-
-
-def bar_chart(path: str, labels: Sequence[str], values: Sequence[float], title: str, ylabel: str) -> bool:
-    """A PNG bar chart when matplotlib is installed; returns whether one was written."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    figure, axes = plt.subplots(figsize=(max(6, 0.5 * len(labels)), 4))
-    axes.bar(range(len(values)), values)
-    axes.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
-    axes.set_title(title)
-    axes.set_ylabel(ylabel)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return True

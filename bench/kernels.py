@@ -6,7 +6,7 @@
 Throughput is reported as GB/s for memory-bound ops (byte model in each op's ``work``) and
 TFLOP/s for matmul-bound ones, each also as a percentage of the detected GPU's peak
 (``bench.common.GPU_PEAKS``). Results go to ``bench/results/<gpu>-<date>/kernels.{csv,md}``
-with a PNG per op when matplotlib is installed.
+with a PNG per op.
 """
 
 from __future__ import annotations

@@ -213,7 +213,7 @@ def test_train_command_on_a_text_file(tmp_path, corpus_text, capsys):
     assert [s for s, _ in records(out, "val_loss")] == [0, 2, 4]
     assert [s for s, _ in records(out, "train_loss")] == [1, 2, 3, 4]
     assert all(math.isfinite(v) for _, v in records(out, "train_loss"))
-    assert png_size(out / "loss.png") == (800, 480)
+    assert png_size(out / "loss.png") == (800, 600)  # loss curves over the learning-rate panel
     assert (out / "data" / "meta.json").is_file() and ckpt.latest_checkpoint(out).name == "ckpt_00000004"
 
     assert main(argv) == 2  # a fresh run must not overwrite a run
