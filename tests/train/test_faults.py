@@ -219,6 +219,39 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holder_is_no_ob
     assert (two_checkpoints / LOCK_FILE).is_file()
 
 
+# --------------------------------------------------------------------------- no pickled code runs
+
+
+class RunsCodeWhenUnpickled:
+    """Unpickling this calls ``open(marker, "w")``: any code could stand there."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_pickle_that_runs_code_is_refused_not_run(two_checkpoints, tmp_path, capsys):
+    from fusedgpt.model.hf import read_weights
+
+    marker = tmp_path / "pwned"
+    checkpoint = two_checkpoints / "ckpt_00000002"
+    torch.save({"optimizer": RunsCodeWhenUnpickled(marker), "rng": {}}, checkpoint / ckpt.STATE_FILE)
+    meta = json.loads((checkpoint / "meta.json").read_text())  # recorded as if it had been saved so
+    meta["files"][ckpt.STATE_FILE] = {"bytes": (checkpoint / ckpt.STATE_FILE).stat().st_size,
+                                      "sha256": atomic.sha256(checkpoint / ckpt.STATE_FILE)}
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
+    assert main(["train", "--out", str(two_checkpoints), "--resume", "--max-steps", "3", "--no-progress"]) == 2
+    assert f"cannot load {checkpoint / ckpt.STATE_FILE}" in capsys.readouterr().err
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    torch.save({"wte.weight": RunsCodeWhenUnpickled(marker)}, hf_dir / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="cannot be read as PyTorch weights"):
+        read_weights(hf_dir)
+    assert not marker.exists()
+
+
 # --------------------------------------------------------------------------- 5. full disk
 
 
