@@ -38,32 +38,30 @@ def _parse(path: Path) -> tuple[list[dict[str, Any]], list[int], bool]:
     return records, damaged, bool(data) and not data.endswith(b"\n")
 
 
-def _describe(path: Path, damaged: list[int]) -> str:
-    return f"{path}: line {', '.join(map(str, damaged))} is not a whole JSON record (cut short by an interrupted write?)"
+def _load(path: Path, action: str) -> tuple[list[dict[str, Any]], list[int], bool]:
+    """:func:`_parse` for a file that may be missing, warning (naming the file and the lines,
+    then ``action``) about lines that are not whole records."""
+    if not path.exists():
+        return [], [], False
+    records, damaged, unterminated = _parse(path)
+    if damaged:
+        warnings.warn(f"{path}: line {', '.join(map(str, damaged))} is not a whole JSON record (cut short by an "
+                      f"interrupted write?); {action}", stacklevel=3)
+    return records, damaged, unterminated
 
 
 def read_records(path: PathLike) -> list[dict[str, Any]]:
     """The records of a JSON Lines log, oldest first (none if it does not exist); lines that
     are not whole records are left out with a warning naming the file and the lines."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    records, damaged, _ = _parse(path)
-    if damaged:
-        warnings.warn(_describe(path, damaged) + "; ignoring it", stacklevel=2)
-    return records
+    return _load(Path(path), "ignoring it")[0]
 
 
 def repair_torn_tail(path: PathLike) -> list[dict[str, Any]]:
     """Make a JSON Lines log safe to append to, and return its records: lines that are not
     whole records (a torn last line) are dropped, with a warning naming the file and the
     lines, and a last record without its newline gets one. A missing file stays missing."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    records, damaged, unterminated = _parse(path)
+    records, damaged, unterminated = _load(Path(path), "dropping it")
     if damaged:
-        warnings.warn(_describe(path, damaged) + "; dropping it", stacklevel=2)
         rewrite(path, records)
     elif unterminated:
         with open(path, "ab") as f:

@@ -33,6 +33,7 @@ from fusedgpt.model.gpt import GPT
 from fusedgpt.io import checkpoint as ckpt
 from fusedgpt.io import written
 from fusedgpt.io.runlock import RunLock
+from fusedgpt.train.data import absolute_path
 from fusedgpt.train.lora import GROUPS, LAYERS, LoRAConfig, apply_lora, parameter_counts
 from fusedgpt.train.trainer import TrainConfig, TrainingDiverged, lr_at, make_optimizer
 
@@ -108,7 +109,8 @@ def load_base(checkpoint: Optional[str], *, preset: str, tokenizer: Optional[str
         check_tokenizer_fits(encoding, name, model.config.vocab_size)
     if "<|endoftext|>" not in encoding.special_tokens_set:
         raise ValueError(f"the tokenizer {name} has no <|endoftext|> token, which fine-tuning pads and ends texts with")
-    return Base(model.to(device).train(), encoding, name, source)
+    # Stored with the result: absolute, so the model can be loaded from any working directory.
+    return Base(model.to(device).train(), encoding, absolute_path(name), source)
 
 
 def describe_parameters(model: torch.nn.Module) -> str:
