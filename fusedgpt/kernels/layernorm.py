@@ -541,6 +541,52 @@ def add_layer_norm(
 # --------------------------------------------------------------------------- compile report
 
 
+def norm_variants(op: str, dtype: torch.dtype, workload, centered: bool) -> list:
+    """The compile report's builds of the norms a pre-norm model of ``workload`` runs in
+    training (``centered``: LayerNorm, else RMSNorm), recorded from the launchers on meta
+    tensors: rows of ``workload.channels`` features, an fp32 residual stream and fp32
+    weights, outputs in ``dtype`` as under autocast. Forward and backward of the first
+    block's norm of the stream alone, and of the add + norm of every later one (where half
+    dtypes also write the branch's gradient in its own dtype)."""
+    import dataclasses
+    import sys
+
+    from fusedgpt.kernels import compile_report as cr
+
+    m, n = workload.tokens, workload.channels
+    item = torch.empty((), dtype=dtype).element_size()
+    mixed = dtype != torch.float32
+    branch, dy = cr.meta_tensor(m, n, dtype=dtype), cr.meta_tensor(m, n, dtype=dtype)
+    stream, weight = cr.meta_tensor(m, n, dtype=torch.float32), cr.meta_tensor(n, dtype=torch.float32)
+    bias = weight if centered else None
+    rstd = cr.meta_tensor(m, dtype=torch.float32)
+    mean = rstd if centered else rstd[:0]
+    module = sys.modules[__name__]
+    found = []
+    for has_residual in (False, True):
+        x, residual = (branch, stream) if has_residual else (stream, None)
+        with cr.launches(module, "_layer_norm_fwd_kernel") as forward:
+            layer_norm_forward(x, residual, weight, bias, 1e-5, centered, 0.0, dtype)
+        with cr.launches(module, "_layer_norm_bwd_kernel") as backward:
+            layer_norm_backward(dy, stream, weight, mean, rstd, stream if has_residual else None, centered, 0.0,
+                                centered, dtype if has_residual and mixed else None)
+        # Minimum bytes per element. Forward: read x (and the stream), write the output (and
+        # the sum). Backward: read dy, the normalised stream (and d summed), write the
+        # stream's gradient (and the branch's, in its dtype).
+        min_bytes = {"fwd": (2 * item + 8) if has_residual else (4 + item),
+                     "bwd": (item + 12 + (item if mixed else 0)) if has_residual else (item + 8)}
+        for pass_, launch in (("fwd", forward[0]), ("bwd", backward[0])):
+            one_row = launch.args["ONE_BLOCK"] and pass_ == "fwd"  # no loop: a program does one row
+            variant = cr.jit_variant(
+                op, pass_, launch, workload=workload,
+                show=("BLOCK_N", "ONE_BLOCK", "HAS_RESIDUAL" if pass_ == "fwd" else "HAS_DSUM"),
+                work=cr.Work("element", n if one_row else launch.args["BLOCK_N"], min_bytes[pass_], loops="sequence"),
+            )
+            # Labelled by the activations' dtype, although the first tensor may be the stream.
+            found.append(dataclasses.replace(variant, config={**variant.config, "dtype": str(dtype).removeprefix("torch.")}))
+    return found
+
+
 def aot_variants(dtype: torch.dtype, workload=None) -> list:
     """The launches a training step of ``workload`` (default gpt2) makes, on (tokens,
     channels) rows of ``dtype`` with fp32 weight and bias: the forward with and without the

@@ -84,3 +84,13 @@ def add_rms_norm(
     """
     return normalize("add_rms_norm", x, residual, weight, None, eps, centered=False, weight_offset=offset,
                      out_dtype=out_dtype, backend=backend)
+
+
+def aot_variants(dtype: torch.dtype, workload=None) -> list:
+    """The add + RMSNorm of a pre-norm block at ``workload``'s width (default gpt2), forward
+    and backward, on the LayerNorm kernels with ``CENTERED=False`` (see
+    :func:`fusedgpt.kernels.layernorm.norm_variants`)."""
+    from fusedgpt.kernels import compile_report as cr
+    from fusedgpt.kernels.layernorm import norm_variants
+
+    return norm_variants("rms_norm", dtype, workload or cr.WORKLOADS["gpt2"], centered=False)

@@ -320,3 +320,36 @@ def rotary_cache(
         raise ValueError(f"{op}: scaling's rope_type must be 'default' or 'llama3', got {rope_type!r}")
     angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
     return angles.cos().float().to(device), angles.sin().float().to(device)
+
+
+# --------------------------------------------------------------------------- compile report
+
+
+def aot_variants(dtype: torch.dtype, workload=None) -> list:
+    """The rotation of ``workload``'s (default gpt2) q and k as training runs it, recorded
+    from the launcher on meta tensors: q and k (B, T, H, D) views of one packed (B, T, 3C)
+    projection, positions 0..T-1; forward, and the backward's inverse rotation of the
+    contiguous output gradients."""
+    import sys
+
+    from fusedgpt.kernels import compile_report as cr
+
+    workload = workload or cr.WORKLOADS["gpt2"]
+    b, t, h, d = workload.batch, workload.seq, workload.heads, workload.head_dim
+    item = torch.empty((), dtype=dtype).element_size()
+    qkv = cr.meta_tensor(b, t, 3 * h, d, dtype=dtype)
+    q, k = qkv[:, :, :h], qkv[:, :, h:2 * h]
+    dq, dk = cr.meta_tensor(b, t, h, d, dtype=dtype), cr.meta_tensor(b, t, h, d, dtype=dtype)
+    cos, sin = cr.meta_tensor(t, d // 2, dtype=torch.float32), cr.meta_tensor(t, d // 2, dtype=torch.float32)
+    module = sys.modules[__name__]
+    with cr.launches(module, "_rotary_kernel") as forward:
+        rotary_forward(q, k, cos, sin, None, False, False)
+    with cr.launches(module, "_rotary_kernel") as backward:
+        rotary_forward(dq, dk, cos, sin, None, False, True)
+    # Per element of q or k: read once, written once. Each iteration of a head loop turns
+    # BLOCK_H heads of D features; q's and k's heads go through one loop each.
+    return [
+        cr.jit_variant("rotary", pass_, launch, workload=workload, show=("BLOCK_H", "BLOCK_HALF", "INVERSE"),
+                       work=cr.Work("element", launch.args["BLOCK_H"] * d, 2 * item))
+        for pass_, launch in (("fwd", forward[0]), ("bwd", backward[0]))
+    ]

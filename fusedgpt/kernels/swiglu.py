@@ -215,3 +215,34 @@ def swiglu(gate: Tensor, up: Optional[Tensor] = None, *, backend: Optional[str] 
     from fusedgpt.kernels import reference
 
     return reference.swiglu(*gate.chunk(2, dim=-1)) if up is None else reference.swiglu(gate, up)
+
+
+# --------------------------------------------------------------------------- compile report
+
+
+def aot_variants(dtype: torch.dtype, workload=None) -> list:
+    """The SwiGLU of ``workload``'s (default gpt2) MLP, 4C wide, on the halves of one packed
+    (tokens, 8C) projection as a gated MLP computes it, recorded from the launchers on meta
+    tensors: forward and backward."""
+    import sys
+
+    from fusedgpt.kernels import compile_report as cr
+
+    workload = workload or cr.WORKLOADS["gpt2"]
+    m, f = workload.tokens, 4 * workload.channels
+    item = torch.empty((), dtype=dtype).element_size()
+    packed = cr.meta_tensor(m, 2 * f, dtype=dtype)
+    gate, up = packed[:, :f], packed[:, f:]
+    module = sys.modules[__name__]
+    with cr.launches(module, "_swiglu_fwd_kernel") as forward:
+        swiglu_forward(gate, up)
+    with cr.launches(module, "_swiglu_bwd_kernel") as backward:
+        swiglu_backward(cr.meta_tensor(m, f, dtype=dtype), gate, up)
+    # Per output element: forward reads gate and up, writes y; backward reads dy, gate and
+    # up, writes both gradients. One program does BLOCK elements, without a loop.
+    min_bytes = {"fwd": 3 * item, "bwd": 5 * item}
+    return [
+        cr.jit_variant("swiglu", pass_, launch, workload=workload, show=("BLOCK",),
+                       work=cr.Work("element", launch.args["BLOCK"], min_bytes[pass_]))
+        for pass_, launch in (("fwd", forward[0]), ("bwd", backward[0]))
+    ]
