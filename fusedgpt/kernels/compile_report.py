@@ -75,6 +75,7 @@ from fusedgpt.kernels import backend as _backend
 # Modules that register kernels in the report: each defines ``aot_variants(dtype, workload)``.
 OP_MODULES: tuple[str, ...] = (
     "fusedgpt.kernels.layernorm", "fusedgpt.kernels.attention", "fusedgpt.kernels.cross_entropy",
+    "fusedgpt.kernels.rms_norm", "fusedgpt.kernels.rotary", "fusedgpt.kernels.swiglu",
 )
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
