@@ -55,10 +55,9 @@ import math
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
 from fusedgpt.kernels import backend as _backend
+from fusedgpt.kernels import reference
 from fusedgpt.kernels.checks import (
     check_bool,
     check_float,
@@ -67,6 +66,7 @@ from fusedgpt.kernels.checks import (
     float64_unsupported,
     with_unit_last_stride,
 )
+from fusedgpt.kernels.triton_compat import tl, triton
 
 Tensor = torch.Tensor
 
@@ -753,8 +753,6 @@ def flash_attention(
         seed = _draw_seed()
     if path == "triton":
         return _FlashAttentionFunction.apply(q, k, v, causal, scale, dropout_p, seed or 0)
-    from fusedgpt.kernels import reference
-
     mask = None
     if dropout_p > 0:
         generator = torch.Generator(device=q.device).manual_seed(seed)

@@ -9,7 +9,8 @@ environment variable when the argument is ``None``):
   imported); the reference for anything else and for whatever the kernel says it does not
   support.
 - ``"triton"``: the kernel, or a :class:`BackendUnavailableError` that says why it cannot
-  run. It never falls back silently.
+  run (Triton not installed, CPU tensors without the interpreter, ...). It never falls
+  back silently.
 - ``"torch"``: the reference.
 """
 
@@ -20,6 +21,8 @@ from typing import Iterable, Literal, Optional
 
 import torch
 
+from fusedgpt.kernels.triton_compat import TRITON_IMPORT_ERROR
+
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 ENV_VAR = "FUSEDGPT_BACKEND"
 
@@ -28,10 +31,10 @@ def interpreter_on() -> bool:
     """Whether ``TRITON_INTERPRET`` now turns Triton's interpreter on, read by Triton's own
     knob (so every spelling Triton takes counts: 1, true, on, yes, in any case); False
     when Triton does not import (``TRITON_IMPORT_ERROR`` says why)."""
-    try:
-        from triton import knobs
-    except Exception:  # ImportError, or a broken install raising anything else
+    if TRITON_IMPORT_ERROR:
         return False
+    from triton import knobs
+
     return bool(knobs.runtime.interpret)
 
 
@@ -42,18 +45,6 @@ INTERPRETER_ON: bool = interpreter_on()
 
 class BackendUnavailableError(RuntimeError):
     """``backend="triton"`` was asked for where the kernel cannot run."""
-
-
-def _triton_import_error() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install raising anything else
-        return f"Triton cannot be imported ({type(exc).__name__}: {exc})"
-    return None
-
-
-# ``None`` when Triton imports, otherwise the reason it does not (checked once).
-TRITON_IMPORT_ERROR: Optional[str] = _triton_import_error()
 
 
 def default_backend() -> str:

@@ -31,6 +31,18 @@ def check_float(op: str, name: str, tensor: torch.Tensor) -> None:
         )
 
 
+def check_out_dtype(op: str, out_dtype: object, default: torch.dtype) -> torch.dtype:
+    """``out_dtype``, or ``default`` for None, after checking it is a float dtype."""
+    if out_dtype is None:
+        return default
+    if not isinstance(out_dtype, torch.dtype) or out_dtype not in FLOAT_DTYPES + REFERENCE_ONLY_DTYPES:
+        raise TypeError(
+            f"{op}: out_dtype must be None, torch.float32, torch.float16 or torch.bfloat16 "
+            f"(torch.float64 on the reference path), got {out_dtype!r}"
+        )
+    return out_dtype
+
+
 def check_same_device(op: str, **tensors: Optional[torch.Tensor]) -> None:
     present = {name: t for name, t in tensors.items() if t is not None}
     devices = {t.device for t in present.values()}

@@ -53,10 +53,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
 from fusedgpt.kernels import backend as _backend
+from fusedgpt.kernels import reference
 from fusedgpt.kernels.checks import (
     as_rows,
     check_bool,
@@ -66,6 +65,7 @@ from fusedgpt.kernels.checks import (
     check_tensor,
     float64_unsupported,
 )
+from fusedgpt.kernels.triton_compat import tl, triton
 
 Tensor = torch.Tensor
 
@@ -339,19 +339,18 @@ class _CrossEntropyFunction(torch.autograd.Function):
         flat_target = target.reshape(-1).contiguous()
         loss, nll = torch.ops.fusedgpt.cross_entropy_fwd(rows, flat_target, ignore_index, label_smoothing, z_loss)
         ctx.save_for_backward(rows, flat_target, nll)
-        ctx.args = (ignore_index, reduction, label_smoothing, z_loss)
-        ctx.shape = logits.shape
+        ctx.params = (logits.shape, ignore_index, reduction, label_smoothing, z_loss)
         return reduce_loss(loss, flat_target, ignore_index, reduction, target.shape)
 
     @staticmethod
     def backward(ctx, grad_output):
         rows, flat_target, nll = ctx.saved_tensors
-        ignore_index, reduction, label_smoothing, z_loss = ctx.args
+        shape, ignore_index, reduction, label_smoothing, z_loss = ctx.params
         scale = row_grad_scale(grad_output, flat_target, ignore_index, reduction)
         grad = torch.ops.fusedgpt.cross_entropy_bwd(
             rows, flat_target, nll, scale, ignore_index, label_smoothing, z_loss
         )
-        return grad.view(ctx.shape), None, None, None, None, None
+        return grad.view(shape), None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- public
@@ -403,8 +402,6 @@ def cross_entropy(
         target = checked_target(op, target, logits.shape[-1], ignore_index)
     if path == "triton":
         return _CrossEntropyFunction.apply(logits, target, ignore_index, reduction, label_smoothing, z_loss)
-    from fusedgpt.kernels import reference
-
     return reference.cross_entropy(logits, target, ignore_index, reduction, label_smoothing, z_loss)
 
 

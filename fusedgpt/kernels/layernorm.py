@@ -45,13 +45,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
 from fusedgpt.kernels import backend as _backend
+from fusedgpt.kernels import reference
 from fusedgpt.kernels.checks import (
-    FLOAT_DTYPES, REFERENCE_ONLY_DTYPES, as_rows, check_float, check_number, check_same_device, float64_unsupported,
+    as_rows, check_float, check_number, check_out_dtype, check_same_device, float64_unsupported,
 )
+from fusedgpt.kernels.triton_compat import tl, triton
 
 Tensor = torch.Tensor
 
@@ -419,18 +419,6 @@ class _NormFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------- public
 
 
-def check_out_dtype(op: str, out_dtype: object, default: torch.dtype) -> torch.dtype:
-    """``out_dtype``, or ``default`` for None, after checking it is a float dtype."""
-    if out_dtype is None:
-        return default
-    if not isinstance(out_dtype, torch.dtype) or out_dtype not in FLOAT_DTYPES + REFERENCE_ONLY_DTYPES:
-        raise TypeError(
-            f"{op}: out_dtype must be None, torch.float32, torch.float16 or torch.bfloat16 "
-            f"(torch.float64 on the reference path), got {out_dtype!r}"
-        )
-    return out_dtype
-
-
 def _check(op: str, x, residual, weight, bias, eps, weight_offset, out_dtype) -> tuple[float, float, torch.dtype]:
     """Raises on bad input; returns ``(eps, weight_offset, out_dtype)`` resolved."""
     check_float(op, "x", x)
@@ -471,8 +459,6 @@ def normalize(
     path = _backend.choose(op, backend, tensors, unsupported=unsupported)
     if path == "triton":
         return _NormFunction.apply(x, residual, weight, bias, eps, centered, weight_offset, out_dtype)
-    from fusedgpt.kernels import reference
-
     if centered:
         if residual is None:
             return reference.layer_norm(x, weight, bias, eps, out_dtype=out_dtype), x

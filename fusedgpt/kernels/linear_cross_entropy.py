@@ -265,27 +265,27 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             ctx.save_for_backward(rows, weight, flat_target, bias, nll)
         else:
             ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, flat_target)
-        ctx.reduction, ctx.needs_grad, ctx.args, ctx.hidden_shape = reduction, needs_grad, args, hidden.shape
-        ctx.dtype = hidden.dtype
+        ctx.params = (reduction, needs_grad, args, hidden.shape, hidden.dtype)
         return reduce_loss(loss, flat_target, ignore_index, reduction, target.shape)
 
     @staticmethod
     def backward(ctx, grad_output):
-        if ctx.reduction == "none":
+        reduction, needs_grad, args, hidden_shape, dtype = ctx.params
+        if reduction == "none":
             rows, weight, flat_target, bias, nll = ctx.saved_tensors
             grads = torch.ops.fusedgpt.linear_cross_entropy_bwd(
-                rows, weight, flat_target, bias, nll, row_grad_scale(grad_output, flat_target, ctx.args[0], "none"),
-                ctx.needs_grad, *ctx.args,
+                rows, weight, flat_target, bias, nll, row_grad_scale(grad_output, flat_target, args[0], "none"),
+                needs_grad, *args,
             )
         else:
             *sums, flat_target = ctx.saved_tensors
-            scale = row_grad_scale(grad_output, flat_target, ctx.args[0], ctx.reduction).reshape(1)
+            scale = row_grad_scale(grad_output, flat_target, args[0], reduction).reshape(1)
             # A 1-element (not 0-dim) fp32 scale takes part in type promotion: an fp16
             # gradient is multiplied in fp32, not by the scale rounded to fp16.
-            grads = [torch.mul(g, scale).to(ctx.dtype) for g in sums]
-        grad_hidden, grad_weight, grad_bias = (g if need else None for g, need in zip(grads, ctx.needs_grad))
+            grads = [torch.mul(g, scale).to(dtype) for g in sums]
+        grad_hidden, grad_weight, grad_bias = (g if need else None for g, need in zip(grads, needs_grad))
         if grad_hidden is not None:
-            grad_hidden = grad_hidden.view(ctx.hidden_shape)
+            grad_hidden = grad_hidden.view(hidden_shape)
         return grad_hidden, grad_weight, None, grad_bias, None, None, None, None, None, None, None
 
 

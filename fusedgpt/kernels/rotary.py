@@ -31,14 +31,14 @@ import math
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
 from fusedgpt.kernels import backend as _backend
+from fusedgpt.kernels import reference
 from fusedgpt.kernels.checks import (
     check_bool, check_float, check_number, check_same_device, check_tensor, float64_unsupported,
     with_unit_last_stride,
 )
+from fusedgpt.kernels.triton_compat import tl, triton
 
 Tensor = torch.Tensor
 
@@ -257,8 +257,6 @@ def apply_rotary(
     if path == "triton":
         return _RotaryFunction.apply(with_unit_last_stride(q), with_unit_last_stride(k), cos.contiguous(),
                                      sin.contiguous(), positions, interleaved)
-    from fusedgpt.kernels import reference
-
     return reference.apply_rotary(q, k, cos, sin, positions, interleaved)
 
 

@@ -27,11 +27,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
 from fusedgpt.kernels import backend as _backend
+from fusedgpt.kernels import reference
 from fusedgpt.kernels.checks import as_rows, check_float, check_same_device, float64_unsupported
+from fusedgpt.kernels.triton_compat import tl, triton
 
 Tensor = torch.Tensor
 
@@ -212,8 +212,6 @@ def swiglu(gate: Tensor, up: Optional[Tensor] = None, *, backend: Optional[str] 
     path = _backend.choose(_OP, backend, (gate, up), unsupported=float64_unsupported(gate, up))
     if path == "triton":
         return _SwigluFunction.apply(gate, up)
-    from fusedgpt.kernels import reference
-
     return reference.swiglu(*gate.chunk(2, dim=-1)) if up is None else reference.swiglu(gate, up)
 
 
