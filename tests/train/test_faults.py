@@ -111,6 +111,26 @@ def test_pruning_keeps_the_newest_finite_checkpoint_and_no_one_calls_nan_weights
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt_00000004"]
 
 
+def test_fine_tuning_stops_at_a_nan_gradient_before_the_step(tmp_path, monkeypatch, capsys):
+    from fusedgpt.train import finetune
+
+    real_load_base = finetune.load_base
+
+    def load_base_with_nan_gradients(*args, **kwargs):
+        base = real_load_base(*args, **kwargs)
+        base.model.transformer.wte.weight.register_hook(lambda grad: grad * float("nan"))
+        return base
+
+    monkeypatch.setattr(finetune, "load_base", load_base_with_nan_gradients)
+    rows = [{"text": f"{word} {i}", "label": word} for i in range(10) for word in ("apple", "iron")]
+    fdata.write_csv(tmp_path / "train.csv", rows, ("text", "label"))
+    out = tmp_path / "run"
+    assert main(["finetune-classify", "--data", str(tmp_path / "train.csv"), "--out", str(out), "--train", "all",
+                 "--epochs", "1", "--max-length", "4", "--no-progress"]) == 2
+    assert "error: non-finite gradient norm (nan) at step 1; stopped without updating the weights" in capsys.readouterr().err
+    assert ckpt.list_checkpoints(out) == []
+
+
 # --------------------------------------------------------------------------- 2. user files
 
 
