@@ -1,40 +1,57 @@
-r"""Fused flash attention (FlashAttention-2), forward and backward, with in-kernel dropout.
+r"""Fused flash attention (FlashAttention-2), forward and backward, with in-kernel dropout,
+grouped-query heads, a sliding window, logit soft-capping and packed variable-length
+sequences.
 
 For one (batch, head) with queries Q (Tq, D), keys K and values V (Tk, D), scale c
-(default 1/sqrt(D)) and the causal mask aligned to the bottom right (query i sees key j
-iff j <= i + Tk - Tq, so with a KV cache the newest query sees every key):
+(default 1/sqrt(D)), and positions aligned to the bottom right (query i sits at
+i' = i + Tk - Tq, so with a KV cache the newest query is level with the newest key):
 
-    S = c Q K^T                      (Tq, Tk), masked entries -inf
+    S = c Q K^T                      (Tq, Tk)
+    S = C tanh(S / C)                 with soft-capping C (Gemma 2); otherwise S as is
+    S = -inf where key j is hidden:   causal: j > i';  window w: also j <= i' - w
     P = softmax(S) row-wise           rows that see no key (causal, Tq > Tk) are all 0
     Z = keep mask, P(keep) = 1 - p    (dropout; Z = 1 without it)
     O = (P * Z / (1 - p)) V
     L = logsumexp(S) row-wise         fp32; -inf for rows that see no key
 
-Forward. Each program owns BLOCK_M query rows and streams BLOCK_N keys at a time, keeping a
-running row max m, row sum l and unnormalised output acc (online softmax). Exponentials are
-taken in base 2 with the scale folded into log2(e) (``exp(x) = exp2(x log2 e)``), which is
-what the hardware computes natively. Key blocks that every row of the query block sees in
-full are processed without masks; only the diagonal blocks (causal) and the ragged tail
-(Tk not a block multiple) pay for the mask. Head dims up to 128 are padded to a 64- or
-128-wide block whose extra columns are masked (loaded as 0, never stored).
+Grouped-query attention: K and V have H_kv heads, H_kv dividing the H query heads, and
+query head h reads key/value head h // (H / H_kv) in place (multi-query: H_kv = 1).
+Packed variable-length sequences (``cu_seqlens``): the batch is one row of packed tokens;
+sequence b owns queries cu_seqlens_q[b] .. cu_seqlens_q[b+1] and keys cu_seqlens_k[b] ..
+cu_seqlens_k[b+1], and the formulas above hold per sequence with its own Tq, Tk. Whether a
+row sees any key is decided by the mask alone, never by the data, so a NaN anywhere in a
+row's scores gives a NaN output row (as PyTorch's own ops do), not 0.
+
+Forward. Each program owns BLOCK_M query rows of one sequence and streams BLOCK_N keys at a
+time, keeping a running row max m, row sum l and unnormalised output acc (online softmax).
+Exponentials are taken in base 2 with the scale folded into log2(e) (``exp(x) = exp2(x
+log2 e)``), which is what the hardware computes natively. The keys a query block sees form
+one range (``_key_range``): blocks that every row sees in full run without masks; only the
+blocks on the causal diagonal, on the window's lower edge and the ragged tail pay for the
+mask; blocks outside the window are never visited. Head dims up to 128 are padded to a 64-
+or 128-wide block whose extra columns are masked (loaded as 0, never stored).
 
 Backward (FlashAttention-2): with dO the output gradient,
 
     dV    = (P * Z / (1 - p))^T dO
     dP    = (dO V^T) * Z / (1 - p)
     dS    = P * (dP - delta),   delta = rowsum(P * dP) = rowsum(dO * O)   (fp32)
+    dS    = dS * (1 - (S / C)^2)                       with soft-capping (tanh' = 1 - tanh^2)
     dQ    = c dS K,   dK = c dS^T Q
 
 delta takes one small preprocess kernel (the second form: O is at hand, P is not). P is
 recomputed from Q, K and the saved L (``P = exp2(S log2 e - L log2 e)``), never stored.
-One kernel owns a key block and loops over the query blocks that see it, accumulating dK
-and dV; a second owns a query block and loops over the key blocks it sees, accumulating
-dQ. Both are deterministic (no atomics) and skip the blocks the causal mask hides.
+One kernel owns a key block of a key/value head and loops over the query heads of its
+group and, for each, the query blocks that see the key block (``_query_range``),
+accumulating dK and dV in registers: the group's sum is formed in a fixed order, with no
+atomics and no per-query-head copy. A second kernel owns a query block and loops over the
+key blocks it sees, accumulating dQ. Both are deterministic and skip hidden blocks.
 
 Dropout draws Philox random numbers (the generator behind ``tl.rand``) keyed by ``seed``
-with the counter (key j, query i, batch*head, 0): every element has its own counter, with
-up to 2^32 positions per axis, and both backward kernels regenerate exactly the forward's
-mask, so no mask is stored.
+with the counter (key j, query i, batch*H + head, 0) — positions along the packed rows for
+variable-length sequences: every element has its own counter, with up to 2^32 positions
+per axis, and both backward kernels regenerate exactly the forward's mask, so no mask is
+stored.
 
 Dtypes. fp16 and bf16 inputs multiply on tensor cores (mma.sync on sm_80, wgmma on sm_90)
 with fp32 accumulation; P and dS are rounded to the input dtype before their matmuls, as
@@ -43,10 +60,12 @@ on CUDA cores, not TF32), so they match the reference to fp32 rounding but run w
 tensor cores, on small tiles; use fp16/bf16 for speed. Statistics (m, l, L, delta) are
 always fp32.
 
-Saved for backward: q, k, v, o and L (B*H*Tq floats) — nothing with Tq x Tk elements.
+Saved for backward: q, k, v, o and L (B*H*Tq floats) — nothing with Tq x Tk elements — and
+the cu_seqlens offsets when given.
 IO per (batch, head): the forward reads Q once and K, V once per query block, and writes O
 and L. The backward reads O and dO once (delta); the dK/dV kernel reads K, V once and Q,
-dO once per key block; the dQ kernel reads Q, dO once and K, V once per query block.
+dO once per key block and query head of the group; the dQ kernel reads Q, dO once and K,
+V once per query block.
 """
 
 from __future__ import annotations
@@ -63,6 +82,7 @@ from fusedgpt.kernels.checks import (
     check_float,
     check_number,
     check_same_device,
+    check_tensor,
     float64_unsupported,
     with_unit_last_stride,
 )
@@ -80,10 +100,22 @@ DELTA_BLOCK_M = 64
 
 
 @triton.jit
-def _head(ptr, b, h, stride_b, stride_h):
-    """The (batch b, head h) slice of a (B, H, T, D) tensor; int64, as B x H x T x D can
-    pass 2**31."""
-    return ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+def _rows(ptr, b, h, start, stride_b, stride_h, stride_t):
+    """Head h of batch row b of a (B, H, T, D) tensor, from token ``start`` on; int64, as
+    B x H x T x D can pass 2**31."""
+    return ptr + tl.cast(b, tl.int64) * stride_b + tl.cast(h, tl.int64) * stride_h + tl.cast(start, tl.int64) * stride_t
+
+
+@triton.jit
+def _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, b, Tq, Tk, VARLEN: tl.constexpr):
+    """The program's sequence: ``(batch row, q_start, k_start, seqlen_q, seqlen_k)``. Dense:
+    all of batch row b. Packed: sequence b's tokens in the one batch row."""
+    if VARLEN:
+        q_start = tl.load(CU_SEQLENS_Q + b)
+        k_start = tl.load(CU_SEQLENS_K + b)
+        return 0, q_start, k_start, tl.load(CU_SEQLENS_Q + b + 1) - q_start, tl.load(CU_SEQLENS_K + b + 1) - k_start
+    else:
+        return b, 0, 0, Tq, Tk
 
 
 @triton.jit
@@ -111,13 +143,53 @@ def _store_rows(base, start, stride_t, n_rows, cols, n_cols, value, BLOCK: tl.co
 
 
 @triton.jit
-def _visible(q_idx, k_idx, Tq, Tk, CAUSAL: tl.constexpr):
-    """Which (query, key) pairs attend; ``q_idx``/``k_idx`` broadcast to the tile, in either
-    orientation (the dK/dV kernel works on transposed tiles)."""
-    visible = k_idx < Tk
+def _tanh(x):
+    # 1 - 2 / (e^2x + 1): one exp2 and a division; e^2x = inf gives 1 and 0 gives -1.
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * _LOG2_E)) + 1.0)
+
+
+@triton.jit
+def _scores(a, b_t, qk_scale, qk_softcap, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``a @ b_t`` in the kernels' log2 units (times scale * log2 e), soft-capped to
+    ``qk_softcap * tanh(s / qk_softcap)`` (the cap in the same units) when SOFTCAP."""
+    s = tl.dot(a, b_t, input_precision=DOT_PRECISION) * qk_scale
+    if SOFTCAP:
+        s = qk_softcap * _tanh(s / qk_softcap)
+    return s
+
+
+@triton.jit
+def _through_softcap(ds, s, qk_softcap, SOFTCAP: tl.constexpr):
+    """The gradient ``ds`` of the capped scores ``s``, taken back through the cap:
+    d(C tanh(x / C))/dx = 1 - tanh^2 = 1 - (s / C)^2."""
+    if SOFTCAP:
+        t = s / qk_softcap
+        ds = ds * (1.0 - t * t)
+    return ds
+
+
+@triton.jit
+def _visible(q_idx, k_idx, seqlen_q, seqlen_k, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr):
+    """Which (query, key) pairs of one sequence attend; ``q_idx``/``k_idx`` broadcast to the
+    tile, in either orientation (the dK/dV kernel works on transposed tiles)."""
+    visible = k_idx < seqlen_k
     if CAUSAL:
-        visible = visible & (k_idx <= q_idx + (Tk - Tq))
+        aligned = q_idx + (seqlen_k - seqlen_q)  # the query's position among the keys
+        visible = visible & (k_idx <= aligned)
+        if WINDOWED:
+            visible = visible & (k_idx > aligned - window)
     return visible
+
+
+@triton.jit
+def _sees_a_key(q_idx, seqlen_q, seqlen_k, CAUSAL: tl.constexpr):
+    """Whether each query row of the sequence sees at least one key — from the mask, not
+    the data, so that a NaN row stays NaN. A window (>= 1) always keeps the query's own
+    position."""
+    if CAUSAL:
+        return (q_idx < seqlen_q) & (q_idx + (seqlen_k - seqlen_q) >= 0)
+    else:
+        return (q_idx < seqlen_q) & (seqlen_k > 0)
 
 
 @triton.jit
@@ -133,33 +205,88 @@ def _dropout_keep(seed, bh, q_idx, k_idx, dropout_p):
 
 
 @triton.jit
-def _key_bounds(start_m, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    """For query rows start_m .. start_m+BLOCK_M: ``(full_end, end)``. Key blocks before
-    ``full_end`` are visible to every row (no mask needed); blocks up to ``end`` are visible
-    to some row (diagonal and ragged tail: masked); later keys are never visible."""
+def _split_masked(lo, full_lo, full_hi):
+    """``(a, b)`` splitting lo .. hi into masked [lo, a), unmasked [a, b), masked [b, hi):
+    where no block is free of masks (a window narrower than the block), a = b."""
+    a = tl.maximum(lo, tl.minimum(full_lo, full_hi))
+    return a, tl.maximum(a, full_hi)
+
+
+@triton.jit
+def _key_range(
+    start_m, seqlen_q, seqlen_k, window,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+):
+    """For query rows start_m .. start_m+BLOCK_M: ``(lo, a, b, hi)``. Keys lo .. hi are
+    visible to some row; blocks in [a, b) to every row (no mask); [lo, a) (the window's
+    lower edge) and [b, hi) (the diagonal and the ragged tail) are masked."""
+    shift = seqlen_k - seqlen_q
     if CAUSAL:
-        # The first row sees keys j <= start_m + Tk - Tq, the last row one block further.
-        full_end = tl.maximum(tl.minimum(Tk, start_m + 1 + Tk - Tq), 0)
-        end = tl.maximum(tl.minimum(Tk, start_m + BLOCK_M + Tk - Tq), 0)
+        # Row i sees keys j <= i + shift: the first row up to start_m + shift, the last
+        # row BLOCK_M - 1 further.
+        full_hi = tl.maximum(tl.minimum(seqlen_k, start_m + 1 + shift), 0)
+        hi = tl.maximum(tl.minimum(seqlen_k, start_m + BLOCK_M + shift), 0)
     else:
-        full_end = Tk
-        end = Tk
-    return (full_end // BLOCK_N) * BLOCK_N, end
+        full_hi = seqlen_k
+        hi = seqlen_k
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    if WINDOWED:
+        # ... and keys j > i + shift - window: from start_m + shift - window + 1 on for the
+        # first row, BLOCK_M - 1 later for the last.
+        lo = (tl.maximum(start_m + shift - window + 1, 0) // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(start_m + BLOCK_M + shift - window, 0), BLOCK_N) * BLOCK_N
+        a, b = _split_masked(lo, full_lo, full_hi)
+    else:
+        lo = 0
+        a = 0
+        b = full_hi
+    return lo, a, b, hi
+
+
+@triton.jit
+def _query_range(
+    start_n, seqlen_q, seqlen_k, window,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+):
+    """For key rows start_n .. start_n+BLOCK_N: ``(lo, a, b, hi)``. Queries lo .. hi see
+    some key of the block; query blocks in [a, b) see all of them (no mask); [lo, a) (the
+    diagonal) and [b, hi) (the window's upper edge) are masked. The ragged tails need no
+    mask: queries past seqlen_q have P = 0 and key rows past seqlen_k are never stored."""
+    shift = seqlen_k - seqlen_q
+    if CAUSAL:
+        # Query i sees key j iff i >= j - shift: none of the block before its first key
+        # minus the shift, all of it from its last key minus the shift on.
+        lo = (tl.maximum(start_n - shift, 0) // BLOCK_M) * BLOCK_M
+        full_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        full_lo = 0
+    if WINDOWED:
+        # ... and iff i < j + window - shift: all of the block before its first key's
+        # bound, some of it before its last key's.
+        full_hi = (tl.maximum(start_n + window - shift, 0) // BLOCK_M) * BLOCK_M
+        hi = tl.minimum(seqlen_q, tl.maximum(start_n + BLOCK_N - 1 + window - shift, 0))
+    else:
+        full_hi = seqlen_q
+        hi = seqlen_q
+    a, b = _split_masked(lo, full_lo, full_hi)
+    return lo, a, b, hi
 
 
 @triton.jit
 def _fwd_key_blocks(
-    acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d,
-    start, end, Tq, Tk, D, qk_scale, dropout_p, seed, bh,
-    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, start, end,
+    seqlen_q, seqlen_k, q_start, k_start, D, qk_scale, qk_softcap, window, dropout_p, seed, bh,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, start_n, stride_kt, Tk, offs_d, D, BLOCK_N)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        k = _load_rows(K, start_n, stride_kt, seqlen_k, offs_d, D, BLOCK_N)
+        s = _scores(q, tl.trans(k), qk_scale, qk_softcap, SOFTCAP, DOT_PRECISION)
         if MASKED:
-            s = tl.where(_visible(offs_m[:, None], offs_n[None, :], Tq, Tk, CAUSAL), s, float("-inf"))
+            visible = _visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, window, CAUSAL, WINDOWED)
+            s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED and CAUSAL:
             # A row that has seen no key so far keeps m = -inf; subtract 0 instead so that
@@ -173,59 +300,71 @@ def _fwd_key_blocks(
         if HAS_DROPOUT:
             # l sums the probabilities before dropout; only what reaches V is dropped. The
             # 1 / (1 - p) rescale is applied once, at the end.
-            p = tl.where(_dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p), p, 0.0)
-        v = _load_rows(V, start_n, stride_vt, Tk, offs_d, D, BLOCK_N)
+            keep = _dropout_keep(seed, bh, q_start + offs_m[:, None], k_start + offs_n[None, :], dropout_p)
+            p = tl.where(keep, p, 0.0)
+        v = _load_rows(V, start_n, stride_vt, seqlen_k, offs_d, D, BLOCK_N)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["seed", "q_bucket", "k_bucket"])
+@triton.jit(do_not_specialize=["seed", "window", "q_bucket", "k_bucket"])
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-    H, Tq, Tk, D, qk_scale, dropout_p, seed, q_bucket, k_bucket,
+    H, kv_group, Tq, Tk, D, qk_scale, qk_softcap, window, dropout_p, seed, q_bucket, k_bucket,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # q_bucket and k_bucket are only the autotuner's cache key (padded sequence lengths).
+    # q_bucket and k_bucket are only the autotuner's cache key (padded sequence lengths);
+    # kv_group is the number of query heads per key/value head.
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1)
-    b = tl.program_id(2)
-    bh = b * H + h
-    Q = _head(Q, b, h, stride_qb, stride_qh)
-    K = _head(K, b, h, stride_kb, stride_kh)
-    V = _head(V, b, h, stride_vb, stride_vh)
-    O = _head(O, b, h, stride_ob, stride_oh)
+    batch, q_start, k_start, seqlen_q, seqlen_k = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, tl.program_id(2), Tq, Tk, VARLEN)
+    if start_m >= seqlen_q:  # past the end of a shorter packed sequence
+        return
+    bh = batch * H + h
+    Q = _rows(Q, batch, h, q_start, stride_qb, stride_qh, stride_qt)
+    K = _rows(K, batch, h // kv_group, k_start, stride_kb, stride_kh, stride_kt)
+    V = _rows(V, batch, h // kv_group, k_start, stride_vb, stride_vh, stride_vt)
+    O = _rows(O, batch, h, q_start, stride_ob, stride_oh, stride_ot)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q, start_m, stride_qt, Tq, offs_d, D, BLOCK_M)
+    q = _load_rows(Q, start_m, stride_qt, seqlen_q, offs_d, D, BLOCK_M)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 
-    full_end, end = _key_bounds(start_m, Tq, Tk, BLOCK_M, BLOCK_N, CAUSAL)
+    lo, a, b, hi = _key_range(start_m, seqlen_q, seqlen_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOWED)
+    if WINDOWED:
+        acc, m_i, l_i = _fwd_key_blocks(
+            acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, lo, a,
+            seqlen_q, seqlen_k, q_start, k_start, D, qk_scale, qk_softcap, window, dropout_p, seed, bh,
+            BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, HAS_DROPOUT, True, DOT_PRECISION,
+        )
     acc, m_i, l_i = _fwd_key_blocks(
-        acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, 0, full_end,
-        Tq, Tk, D, qk_scale, dropout_p, seed, bh,
-        BLOCK_N, CAUSAL, HAS_DROPOUT, False, DOT_PRECISION,
+        acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, a, b,
+        seqlen_q, seqlen_k, q_start, k_start, D, qk_scale, qk_softcap, window, dropout_p, seed, bh,
+        BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, HAS_DROPOUT, False, DOT_PRECISION,
     )
     acc, m_i, l_i = _fwd_key_blocks(
-        acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, full_end, end,
-        Tq, Tk, D, qk_scale, dropout_p, seed, bh,
-        BLOCK_N, CAUSAL, HAS_DROPOUT, True, DOT_PRECISION,
+        acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, b, hi,
+        seqlen_q, seqlen_k, q_start, k_start, D, qk_scale, qk_softcap, window, dropout_p, seed, bh,
+        BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, HAS_DROPOUT, True, DOT_PRECISION,
     )
 
-    # Rows that saw no key have l = 0: their output is 0 and their logsumexp -inf.
-    seen = l_i > 0.0
+    # Rows that see no key output 0 with logsumexp -inf; every other row divides by l,
+    # so that a NaN score makes a NaN row.
+    seen = _sees_a_key(offs_m, seqlen_q, seqlen_k, CAUSAL)
     inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
     if HAS_DROPOUT:
         inv_l = inv_l / (1.0 - dropout_p)
-    _store_rows(O, start_m, stride_ot, Tq, offs_d, D, acc * inv_l[:, None], BLOCK_M)
+    _store_rows(O, start_m, stride_ot, seqlen_q, offs_d, D, acc * inv_l[:, None], BLOCK_M)
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / _LOG2_E, float("-inf"))
-    tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
+    tl.store(LSE + tl.cast(bh, tl.int64) * Tq + q_start + offs_m, lse, mask=offs_m < seqlen_q)
 
 
 @triton.jit
@@ -238,8 +377,8 @@ def _attn_bwd_delta_kernel(
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1)
     b = tl.program_id(2)
-    O = _head(O, b, h, stride_ob, stride_oh)
-    DO = _head(DO, b, h, stride_dob, stride_doh)
+    O = _rows(O, b, h, 0, stride_ob, stride_oh, stride_ot)
+    DO = _rows(DO, b, h, 0, stride_dob, stride_doh, stride_dot)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     o = _load_rows(O, start_m, stride_ot, Tq, offs_d, D, BLOCK_M).to(tl.float32)
@@ -249,157 +388,175 @@ def _attn_bwd_delta_kernel(
 
 @triton.jit
 def _bwd_query_blocks(
-    dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, offs_d,
-    start, end, Tq, Tk, D, qk_scale, dropout_p, seed, bh,
-    BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, offs_d, start, end,
+    seqlen_q, seqlen_k, q_start, k_start, D, qk_scale, qk_softcap, window, dropout_p, seed, bh,
+    BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dK, dV of one key block from query blocks start .. end, on transposed (key, query)
-    tiles so that every product has the key block as its M dimension."""
+    """dK, dV of one key block from query blocks start .. end of one query head, on
+    transposed (key, query) tiles so that every product has the key block as its M
+    dimension."""
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q, start_m, stride_qt, Tq, offs_d, D, BLOCK_M)
-        do = _load_rows(DO, start_m, stride_dot, Tq, offs_d, D, BLOCK_M)
-        # Queries past Tq get L = +inf, hence P = 0, and contribute nothing.
-        lse = tl.load(LSE + offs_m, mask=offs_m < Tq, other=float("inf")) * _LOG2_E
-        delta = tl.load(DELTA + offs_m, mask=offs_m < Tq, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        q = _load_rows(Q, start_m, stride_qt, seqlen_q, offs_d, D, BLOCK_M)
+        do = _load_rows(DO, start_m, stride_dot, seqlen_q, offs_d, D, BLOCK_M)
+        # Queries past the sequence get L = +inf, hence P = 0, and contribute nothing.
+        lse = tl.load(LSE + offs_m, mask=offs_m < seqlen_q, other=float("inf")) * _LOG2_E
+        delta = tl.load(DELTA + offs_m, mask=offs_m < seqlen_q, other=0.0)
+        s_t = _scores(k, tl.trans(q), qk_scale, qk_softcap, SOFTCAP, DOT_PRECISION)
         p_t = tl.exp2(s_t - lse[None, :])
         if MASKED:
             # After exp2, so that rows with L = -inf (they see no key) give 0, not nan.
-            p_t = tl.where(_visible(offs_m[None, :], offs_n[:, None], Tq, Tk, CAUSAL), p_t, 0.0)
+            visible = _visible(offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, window, CAUSAL, WINDOWED)
+            p_t = tl.where(visible, p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], dropout_p)
+            keep = _dropout_keep(seed, bh, q_start + offs_m[None, :], k_start + offs_n[:, None], dropout_p)
             scale = 1.0 / (1.0 - dropout_p)
             dv += tl.dot(tl.where(keep, p_t * scale, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
             dp_t = tl.where(keep, dp_t * scale, 0.0)
         else:
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
+        ds_t = _through_softcap(p_t * (dp_t - delta[None, :]), s_t, qk_softcap, SOFTCAP)
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["seed", "q_bucket", "k_bucket"])
+@triton.jit(do_not_specialize=["seed", "window", "q_bucket", "k_bucket"])
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
-    H, Tq, Tk, D, qk_scale, softmax_scale, dropout_p, seed, q_bucket, k_bucket,
+    H, kv_group, Tq, Tk, D, qk_scale, qk_softcap, softmax_scale, window, dropout_p, seed, q_bucket, k_bucket,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # One program per key block of one key/value head (program_id(1)).
     start_n = tl.program_id(0) * BLOCK_N
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    bh = b * H + h
-    Q = _head(Q, b, h, stride_qb, stride_qh)
-    K = _head(K, b, h, stride_kb, stride_kh)
-    V = _head(V, b, h, stride_vb, stride_vh)
-    DO = _head(DO, b, h, stride_dob, stride_doh)
-    DK = _head(DK, b, h, stride_dkb, stride_dkh)
-    DV = _head(DV, b, h, stride_dvb, stride_dvh)
-    LSE += bh.to(tl.int64) * Tq
-    DELTA += bh.to(tl.int64) * Tq
+    h_kv = tl.program_id(1)
+    batch, q_start, k_start, seqlen_q, seqlen_k = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, tl.program_id(2), Tq, Tk, VARLEN)
+    if start_n >= seqlen_k:  # past the end of a shorter packed sequence
+        return
+    K = _rows(K, batch, h_kv, k_start, stride_kb, stride_kh, stride_kt)
+    V = _rows(V, batch, h_kv, k_start, stride_vb, stride_vh, stride_vt)
+    DK = _rows(DK, batch, h_kv, k_start, stride_dkb, stride_dkh, stride_dkt)
+    DV = _rows(DV, batch, h_kv, k_start, stride_dvb, stride_dvh, stride_dvt)
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K, start_n, stride_kt, Tk, offs_d, D, BLOCK_N)
-    v = _load_rows(V, start_n, stride_vt, Tk, offs_d, D, BLOCK_N)
+    k = _load_rows(K, start_n, stride_kt, seqlen_k, offs_d, D, BLOCK_N)
+    v = _load_rows(V, start_n, stride_vt, seqlen_k, offs_d, D, BLOCK_N)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    lo, a, b, hi = _query_range(start_n, seqlen_q, seqlen_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOWED)
 
-    if CAUSAL:
-        # Query i sees key j iff i >= j - (Tk - Tq): queries before the block's first key
-        # minus the offset see none of it; from its last key minus the offset on, all of it.
-        start = (tl.maximum(start_n - (Tk - Tq), 0) // BLOCK_M) * BLOCK_M
-        full_start = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (Tk - Tq), 0), BLOCK_M) * BLOCK_M
-        full_start = tl.maximum(full_start, start)
+    # The group's query heads one after another, in a fixed order: a deterministic sum.
+    for h in range(h_kv * kv_group, (h_kv + 1) * kv_group):
+        bh = batch * H + h
+        Qh = _rows(Q, batch, h, q_start, stride_qb, stride_qh, stride_qt)
+        DOh = _rows(DO, batch, h, q_start, stride_dob, stride_doh, stride_dot)
+        LSEh = LSE + tl.cast(bh, tl.int64) * Tq + q_start
+        DELTAh = DELTA + tl.cast(bh, tl.int64) * Tq + q_start
+        if CAUSAL:
+            dk, dv = _bwd_query_blocks(
+                dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n, offs_d, lo, a,
+                seqlen_q, seqlen_k, q_start, k_start, D, qk_scale, qk_softcap, window, dropout_p, seed, bh,
+                BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, HAS_DROPOUT, True, DOT_PRECISION,
+            )
         dk, dv = _bwd_query_blocks(
-            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, offs_d,
-            start, tl.minimum(full_start, Tq), Tq, Tk, D, qk_scale, dropout_p, seed, bh,
-            BLOCK_M, CAUSAL, HAS_DROPOUT, True, DOT_PRECISION,
+            dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n, offs_d, a, b,
+            seqlen_q, seqlen_k, q_start, k_start, D, qk_scale, qk_softcap, window, dropout_p, seed, bh,
+            BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, HAS_DROPOUT, False, DOT_PRECISION,
         )
-    else:
-        full_start = 0
-    # Ragged tails need no mask here: queries past Tq have P = 0, and key rows past Tk
-    # are never stored.
-    dk, dv = _bwd_query_blocks(
-        dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, offs_d,
-        full_start, Tq, Tq, Tk, D, qk_scale, dropout_p, seed, bh,
-        BLOCK_M, CAUSAL, HAS_DROPOUT, False, DOT_PRECISION,
-    )
-    _store_rows(DK, start_n, stride_dkt, Tk, offs_d, D, dk * softmax_scale, BLOCK_N)
-    _store_rows(DV, start_n, stride_dvt, Tk, offs_d, D, dv, BLOCK_N)
+        if WINDOWED:
+            dk, dv = _bwd_query_blocks(
+                dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n, offs_d, b, hi,
+                seqlen_q, seqlen_k, q_start, k_start, D, qk_scale, qk_softcap, window, dropout_p, seed, bh,
+                BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, HAS_DROPOUT, True, DOT_PRECISION,
+            )
+    _store_rows(DK, start_n, stride_dkt, seqlen_k, offs_d, D, dk * softmax_scale, BLOCK_N)
+    _store_rows(DV, start_n, stride_dvt, seqlen_k, offs_d, D, dv, BLOCK_N)
 
 
 @triton.jit
 def _bwd_key_blocks(
-    dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d,
-    start, end, Tq, Tk, D, qk_scale, dropout_p, seed, bh,
-    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d, start, end,
+    seqlen_q, seqlen_k, q_start, k_start, D, qk_scale, qk_softcap, window, dropout_p, seed, bh,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dQ of one query block from key blocks start .. end."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, start_n, stride_kt, Tk, offs_d, D, BLOCK_N)
-        v = _load_rows(V, start_n, stride_vt, Tk, offs_d, D, BLOCK_N)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        k = _load_rows(K, start_n, stride_kt, seqlen_k, offs_d, D, BLOCK_N)
+        v = _load_rows(V, start_n, stride_vt, seqlen_k, offs_d, D, BLOCK_N)
+        s = _scores(q, tl.trans(k), qk_scale, qk_softcap, SOFTCAP, DOT_PRECISION)
         p = tl.exp2(s - lse[:, None])
         if MASKED:
-            p = tl.where(_visible(offs_m[:, None], offs_n[None, :], Tq, Tk, CAUSAL), p, 0.0)
+            visible = _visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, window, CAUSAL, WINDOWED)
+            p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+            keep = _dropout_keep(seed, bh, q_start + offs_m[:, None], k_start + offs_n[None, :], dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-        ds = p * (dp - delta[:, None])
+        ds = _through_softcap(p * (dp - delta[:, None]), s, qk_softcap, SOFTCAP)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
 
-@triton.jit(do_not_specialize=["seed", "q_bucket", "k_bucket"])
+@triton.jit(do_not_specialize=["seed", "window", "q_bucket", "k_bucket"])
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
     stride_dqb, stride_dqh, stride_dqt,
-    H, Tq, Tk, D, qk_scale, softmax_scale, dropout_p, seed, q_bucket, k_bucket,
+    H, kv_group, Tq, Tk, D, qk_scale, qk_softcap, softmax_scale, window, dropout_p, seed, q_bucket, k_bucket,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1)
-    b = tl.program_id(2)
-    bh = b * H + h
-    Q = _head(Q, b, h, stride_qb, stride_qh)
-    K = _head(K, b, h, stride_kb, stride_kh)
-    V = _head(V, b, h, stride_vb, stride_vh)
-    DO = _head(DO, b, h, stride_dob, stride_doh)
-    DQ = _head(DQ, b, h, stride_dqb, stride_dqh)
+    batch, q_start, k_start, seqlen_q, seqlen_k = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, tl.program_id(2), Tq, Tk, VARLEN)
+    if start_m >= seqlen_q:  # past the end of a shorter packed sequence
+        return
+    bh = batch * H + h
+    Q = _rows(Q, batch, h, q_start, stride_qb, stride_qh, stride_qt)
+    K = _rows(K, batch, h // kv_group, k_start, stride_kb, stride_kh, stride_kt)
+    V = _rows(V, batch, h // kv_group, k_start, stride_vb, stride_vh, stride_vt)
+    DO = _rows(DO, batch, h, q_start, stride_dob, stride_doh, stride_dot)
+    DQ = _rows(DQ, batch, h, q_start, stride_dqb, stride_dqh, stride_dqt)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q, start_m, stride_qt, Tq, offs_d, D, BLOCK_M)
-    do = _load_rows(DO, start_m, stride_dot, Tq, offs_d, D, BLOCK_M)
-    row = bh.to(tl.int64) * Tq + offs_m
-    # Queries past Tq get L = +inf, hence P = 0; their dQ rows are not stored anyway.
-    lse = tl.load(LSE + row, mask=offs_m < Tq, other=float("inf")) * _LOG2_E
-    delta = tl.load(DELTA + row, mask=offs_m < Tq, other=0.0)
+    q = _load_rows(Q, start_m, stride_qt, seqlen_q, offs_d, D, BLOCK_M)
+    do = _load_rows(DO, start_m, stride_dot, seqlen_q, offs_d, D, BLOCK_M)
+    row = tl.cast(bh, tl.int64) * Tq + q_start + offs_m
+    # Queries past the sequence get L = +inf, hence P = 0; their dQ rows are not stored.
+    lse = tl.load(LSE + row, mask=offs_m < seqlen_q, other=float("inf")) * _LOG2_E
+    delta = tl.load(DELTA + row, mask=offs_m < seqlen_q, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 
-    full_end, end = _key_bounds(start_m, Tq, Tk, BLOCK_M, BLOCK_N, CAUSAL)
+    lo, a, b, hi = _key_range(start_m, seqlen_q, seqlen_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOWED)
+    if WINDOWED:
+        dq = _bwd_key_blocks(
+            dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d, lo, a,
+            seqlen_q, seqlen_k, q_start, k_start, D, qk_scale, qk_softcap, window, dropout_p, seed, bh,
+            BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, HAS_DROPOUT, True, DOT_PRECISION,
+        )
     dq = _bwd_key_blocks(
-        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d, 0, full_end,
-        Tq, Tk, D, qk_scale, dropout_p, seed, bh, BLOCK_N, CAUSAL, HAS_DROPOUT, False, DOT_PRECISION,
+        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d, a, b,
+        seqlen_q, seqlen_k, q_start, k_start, D, qk_scale, qk_softcap, window, dropout_p, seed, bh,
+        BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, HAS_DROPOUT, False, DOT_PRECISION,
     )
     dq = _bwd_key_blocks(
-        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d, full_end, end,
-        Tq, Tk, D, qk_scale, dropout_p, seed, bh, BLOCK_N, CAUSAL, HAS_DROPOUT, True, DOT_PRECISION,
+        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d, b, hi,
+        seqlen_q, seqlen_k, q_start, k_start, D, qk_scale, qk_softcap, window, dropout_p, seed, bh,
+        BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, HAS_DROPOUT, True, DOT_PRECISION,
     )
-    _store_rows(DQ, start_m, stride_dqt, Tq, offs_d, D, dq * softmax_scale, BLOCK_M)
+    _store_rows(DQ, start_m, stride_dqt, seqlen_q, offs_d, D, dq * softmax_scale, BLOCK_M)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -501,7 +658,7 @@ def _autotuned(kind: str, kernel):
         configs = FP32_CONFIGS[kind] + [c for by_kind in HALF_CONFIGS.values() for c in by_kind[kind]]
     return triton.autotune(
         configs=configs,
-        key=["q_bucket", "k_bucket", "D", "CAUSAL", "HAS_DROPOUT"],
+        key=["q_bucket", "k_bucket", "D", "CAUSAL", "WINDOWED", "SOFTCAP", "VARLEN", "HAS_DROPOUT"],
         prune_configs_by={"early_config_prune": _prune(kind)},
     )(kernel)
 
@@ -509,6 +666,7 @@ def _autotuned(kind: str, kernel):
 _attn_fwd = _autotuned("fwd", _attn_fwd_kernel)
 _attn_bwd_dkdv = _autotuned("dkdv", _attn_bwd_dkdv_kernel)
 _attn_bwd_dq = _autotuned("dq", _attn_bwd_dq_kernel)
+
 
 
 # --------------------------------------------------------------------------- launchers
@@ -523,37 +681,66 @@ def _bht_strides(*tensors: Tensor) -> list[int]:
     return [s for t in tensors for s in t.stride()[:3]]
 
 
-def _common_meta(q: Tensor, causal: bool, dropout_p: float) -> dict:
-    return dict(
-        BLOCK_D=head_dim_block(q.shape[-1]), CAUSAL=causal, HAS_DROPOUT=dropout_p > 0,
-        DOT_PRECISION=_dot_precision(q.dtype),
-    )
-
-
 def _buckets(tq: int, tk: int) -> tuple[int, int]:
     return triton.next_power_of_2(tq), triton.next_power_of_2(tk)
 
 
+class _Launch:
+    """What the three main kernels share for one call: the sequences (dense batch rows or
+    packed ones) and the features, as kernel arguments."""
+
+    def __init__(
+        self, q: Tensor, k: Tensor, causal: bool, dropout_p: float, window: Optional[int],
+        softcap: Optional[float], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+        max_seqlen_q: Optional[int], max_seqlen_k: Optional[int],
+    ):
+        b, self.heads, self.total_q, _ = q.shape
+        self.total_k = k.shape[2]
+        varlen = cu_seqlens_q is not None
+        # One program column per sequence; each sized for the longest one.
+        self.sequences = cu_seqlens_q.numel() - 1 if varlen else b
+        self.max_q = max_seqlen_q if varlen else self.total_q
+        self.max_k = max_seqlen_k if varlen else self.total_k
+        self.cu_seqlens = (cu_seqlens_q, cu_seqlens_k)
+        self.kv_group = self.heads // k.shape[1]
+        # Unused values where a feature is off (its constexpr flag removes the code).
+        self.window = window or 0
+        self.qk_softcap = (softcap or 0.0) * LOG2_E
+        self.meta = dict(
+            BLOCK_D=head_dim_block(q.shape[-1]), CAUSAL=causal, WINDOWED=window is not None,
+            SOFTCAP=softcap is not None, VARLEN=varlen, HAS_DROPOUT=dropout_p > 0,
+            DOT_PRECISION=_dot_precision(q.dtype),
+        )
+
+    def grid(self, block: str, length: int, heads: int):
+        return lambda meta: (triton.cdiv(length, meta[block]), heads, self.sequences)
+
+
 def flash_attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float, dropout_p: float, seed: int
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float, dropout_p: float, seed: int,
+    window: Optional[int] = None, softcap: Optional[float] = None,
+    cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Launch the forward for q (B, H, Tq, D), k and v (B, H, Tk, D), any strides.
+    """Launch the forward for q (B, H, Tq, D), k and v (B, H_kv, Tk, D), any strides; with
+    ``cu_seqlens_q``/``cu_seqlens_k`` (int32 (N+1,), with ``max_seqlen_q``/``max_seqlen_k``)
+    B = 1 and T holds N packed sequences. Inputs are not checked here (see
+    :func:`flash_attention`).
 
     Returns ``o`` (B, H, Tq, D) in q's dtype — stored as (B, Tq, H, D), so that
     ``o.transpose(1, 2).reshape(B, Tq, H * D)`` is free — and the fp32 ``lse`` (B, H, Tq).
     """
     q, k, v = (with_unit_last_stride(t) for t in (q, k, v))
     b, h, tq, d = q.shape
-    tk = k.shape[2]
     o = q.new_empty(b, tq, h, d).transpose(1, 2)
     lse = q.new_empty(b, h, tq, dtype=torch.float32)
     if o.numel() == 0:
         return o, lse
-    grid = lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), h, b)  # noqa: E731
-    _attn_fwd[grid](
-        q, k, v, o, lse, *_bht_strides(q, k, v, o),
-        h, tq, tk, d, softmax_scale * LOG2_E, dropout_p, seed, *_buckets(tq, tk),
-        **_common_meta(q, causal, dropout_p),
+    run = _Launch(q, k, causal, dropout_p, window, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _attn_fwd[run.grid("BLOCK_M", run.max_q, h)](
+        q, k, v, o, lse, *run.cu_seqlens, *_bht_strides(q, k, v, o),
+        h, run.kv_group, run.total_q, run.total_k, d, softmax_scale * LOG2_E, run.qk_softcap, run.window,
+        dropout_p, seed, *_buckets(run.max_q, run.max_k), **run.meta,
     )
     return o, lse
 
@@ -561,30 +748,35 @@ def flash_attention_forward(
 def flash_attention_backward(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
     causal: bool, softmax_scale: float, dropout_p: float, seed: int,
+    window: Optional[int] = None, softcap: Optional[float] = None,
+    cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the backward: ``delta`` preprocess, then the dK/dV and the dQ kernels.
 
-    Takes the forward's inputs, its ``o`` and ``lse``, and ``do`` like ``o`` (any strides).
-    Returns ``dq``, ``dk``, ``dv`` like q, k, v, in their dtype.
+    Takes the forward's inputs and options, its ``o`` and ``lse``, and ``do`` like ``o``
+    (any strides). Returns ``dq``, ``dk``, ``dv`` like q, k, v, in their dtype.
     """
     do, q, k, v, o = (with_unit_last_stride(t) for t in (do, q, k, v, o))
     b, h, tq, d = q.shape
-    tk = k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0:
         return dq, dk, dv
-    meta = _common_meta(q, causal, dropout_p)
+    run = _Launch(q, k, causal, dropout_p, window, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     delta = torch.empty(b, h, tq, dtype=torch.float32, device=q.device)
     _attn_bwd_delta_kernel[(triton.cdiv(tq, DELTA_BLOCK_M), h, b)](
         o, do, delta, *_bht_strides(o, do), h, tq, d,
-        BLOCK_M=DELTA_BLOCK_M, BLOCK_D=meta["BLOCK_D"], num_warps=4,
+        BLOCK_M=DELTA_BLOCK_M, BLOCK_D=run.meta["BLOCK_D"], num_warps=4,
     )
-    scalars = (h, tq, tk, d, softmax_scale * LOG2_E, softmax_scale, dropout_p, seed, *_buckets(tq, tk))
-    _attn_bwd_dkdv[lambda m: (triton.cdiv(tk, m["BLOCK_N"]), h, b)](
-        q, k, v, do, lse, delta, dk, dv, *_bht_strides(q, k, v, do, dk, dv), *scalars, **meta,
+    scalars = (
+        h, run.kv_group, run.total_q, run.total_k, d, softmax_scale * LOG2_E, run.qk_softcap, softmax_scale,
+        run.window, dropout_p, seed, *_buckets(run.max_q, run.max_k),
     )
-    _attn_bwd_dq[lambda m: (triton.cdiv(tq, m["BLOCK_M"]), h, b)](
-        q, k, v, do, lse, delta, dq, *_bht_strides(q, k, v, do, dq), *scalars, **meta,
+    _attn_bwd_dkdv[run.grid("BLOCK_N", run.max_k, k.shape[1])](
+        q, k, v, do, lse, delta, dk, dv, *run.cu_seqlens, *_bht_strides(q, k, v, do, dk, dv), *scalars, **run.meta,
+    )
+    _attn_bwd_dq[run.grid("BLOCK_M", run.max_q, h)](
+        q, k, v, do, lse, delta, dq, *run.cu_seqlens, *_bht_strides(q, k, v, do, dq), *scalars, **run.meta,
     )
     return dq, dk, dv
 
@@ -594,6 +786,8 @@ def dropout_mask(
 ) -> Tensor:
     """The keep mask (B, H, Tq, Tk) bool, True = kept, that the kernels draw for ``seed`` and
     ``dropout_p`` — for tests and debugging (it is Tq x Tk; the kernels never store it).
+    For packed sequences it is the mask of the whole (1, H, total_q, total_k) packed
+    matrix, of which each sequence uses its own diagonal block.
     ``reference.attention(..., dropout_mask=mask)`` then reproduces the kernel's draw."""
     dropout_p, seed = _check_dropout("dropout_mask", dropout_p, seed)
     b, h, tq, tk = shape
@@ -611,13 +805,18 @@ def dropout_mask(
 
 @torch.library.custom_op("fusedgpt::flash_attention_fwd", mutates_args=())
 def _flash_attention_fwd_op(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float, dropout_p: float, seed: int
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float, dropout_p: float, seed: int,
+    window: Optional[int], softcap: Optional[float], cu_seqlens_q: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor], max_seqlen_q: Optional[int], max_seqlen_k: Optional[int],
 ) -> tuple[Tensor, Tensor]:
-    return flash_attention_forward(q, k, v, causal, softmax_scale, dropout_p, seed)
+    return flash_attention_forward(
+        q, k, v, causal, softmax_scale, dropout_p, seed, window, softcap,
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    )
 
 
 @_flash_attention_fwd_op.register_fake
-def _(q, k, v, causal, softmax_scale, dropout_p, seed):
+def _(q, k, v, *options):
     b, h, tq, d = q.shape
     return q.new_empty(b, tq, h, d).transpose(1, 2), q.new_empty(b, h, tq, dtype=torch.float32)
 
@@ -626,12 +825,17 @@ def _(q, k, v, causal, softmax_scale, dropout_p, seed):
 def _flash_attention_bwd_op(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
     causal: bool, softmax_scale: float, dropout_p: float, seed: int,
+    window: Optional[int], softcap: Optional[float], cu_seqlens_q: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor], max_seqlen_q: Optional[int], max_seqlen_k: Optional[int],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return flash_attention_backward(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed)
+    return flash_attention_backward(
+        do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, window, softcap,
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    )
 
 
 @_flash_attention_bwd_op.register_fake
-def _(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed):
+def _(do, q, k, v, *rest):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -640,17 +844,25 @@ def _(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed):
 
 class _FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, dropout_p, seed):
-        o, lse = torch.ops.fusedgpt.flash_attention_fwd(q, k, v, causal, softmax_scale, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.params = (causal, softmax_scale, dropout_p, seed)
+    def forward(ctx, q, k, v, causal, softmax_scale, dropout_p, seed, window, softcap,
+                cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        o, lse = torch.ops.fusedgpt.flash_attention_fwd(
+            q, k, v, causal, softmax_scale, dropout_p, seed, window, softcap,
+            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        )
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.params = (causal, softmax_scale, dropout_p, seed, window, softcap, max_seqlen_q, max_seqlen_k)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.fusedgpt.flash_attention_bwd(do, q, k, v, o, lse, *ctx.params)
-        return dq, dk, dv, None, None, None, None
+        q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        causal, softmax_scale, dropout_p, seed, window, softcap, max_seqlen_q, max_seqlen_k = ctx.params
+        dq, dk, dv = torch.ops.fusedgpt.flash_attention_bwd(
+            do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, window, softcap,
+            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        )
+        return dq, dk, dv, *[None] * 10
 
 
 # --------------------------------------------------------------------------- public
@@ -666,9 +878,7 @@ def _check_dropout(op: str, dropout_p: object, seed: object) -> tuple[float, Opt
     return dropout_p, None if seed is None else check_number(op, "seed", seed, integer=True, at_least=0, below=2**63)
 
 
-def _check(q, k, v, causal, softmax_scale, dropout_p, seed) -> tuple[bool, Optional[float], float, Optional[int]]:
-    """Raises on bad input; returns ``(causal, softmax_scale, dropout_p, seed)`` as Python
-    scalars."""
+def _check_tensors(q: Tensor, k: Tensor, v: Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(_OP, name, t)
         if t.dim() != 4:
@@ -678,28 +888,98 @@ def _check(q, k, v, causal, softmax_scale, dropout_p, seed) -> tuple[bool, Optio
             raise TypeError(f"{_OP}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
     check_same_device(_OP, q=q, k=k, v=v)
     b, h, tq, d = q.shape
+    h_kv = k.shape[1]
     for name, t in (("k", k), ("v", v)):
-        if (t.shape[0], t.shape[1], t.shape[3]) != (b, h, d):
+        if (t.shape[0], t.shape[1], t.shape[3]) != (b, h_kv, d):
             raise ValueError(
-                f"{_OP}: {name} must have shape (B, H, Tk, D) = ({b}, {h}, Tk, {d}) to match q "
-                f"{tuple(q.shape)}, got {tuple(t.shape)}"
+                f"{_OP}: {name} must have shape (B, H_kv, Tk, D) = ({b}, H_kv, Tk, {d}) to match q "
+                f"{tuple(q.shape)}, with k's H_kv = {h_kv}; got {tuple(t.shape)}"
             )
     if k.shape[2] != v.shape[2]:
         raise ValueError(f"{_OP}: k and v must have the same length Tk, got {k.shape[2]} and {v.shape[2]}")
-    if tq < 1 or k.shape[2] < 1 or d < 1:
+    if tq < 1 or k.shape[2] < 1 or d < 1 or h_kv < 1:
         raise ValueError(
-            f"{_OP}: sequence lengths and head dim must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}"
+            f"{_OP}: sequence lengths, heads and head dim must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}"
         )
+    if h % h_kv:
+        raise ValueError(
+            f"{_OP}: q's heads H = {h} must be a multiple of k and v's heads H_kv = {h_kv} (grouped-query attention)"
+        )
+
+
+def _check_cu_seqlens(name: str, cu_seqlens: object, total: int, max_seqlen: object, q: Tensor) -> int:
+    """``max_seqlen`` as an int, after checking the offsets ``cu_seqlens`` of sequences
+    packed into ``total`` tokens. Their values are read (one device-to-host copy) except
+    under ``torch.compile``, where reading them would break the graph and they are trusted."""
+    max_name = name.replace("cu_seqlens", "max_seqlen")
+    check_tensor(_OP, name, cu_seqlens)
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"{_OP}: {name} must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{_OP}: {name} must have shape (N + 1,) with N >= 1 sequences, got {tuple(cu_seqlens.shape)}")
+    check_same_device(_OP, q=q, **{name: cu_seqlens})
+    if max_seqlen is None:
+        raise ValueError(f"{_OP}: {max_name} is required with {name}")
+    max_seqlen = check_number(_OP, max_name, max_seqlen, integer=True, at_least=1)
+    if not torch.compiler.is_compiling():
+        offsets = cu_seqlens.tolist()
+        lengths = [end - start for start, end in zip(offsets, offsets[1:])]
+        if offsets[0] != 0 or offsets[-1] != total or min(lengths) < 0:
+            raise ValueError(
+                f"{_OP}: {name} must rise from 0 to the packed length {total} without decreasing, got {offsets}"
+            )
+        if max(lengths) > max_seqlen:
+            raise ValueError(f"{_OP}: {max_name} = {max_seqlen} is less than the longest sequence, {max(lengths)}")
+    return max_seqlen
+
+
+def _check_varlen(
+    q: Tensor, k: Tensor, cu_seqlens_q: object, cu_seqlens_k: object, max_seqlen_q: object, max_seqlen_k: object
+) -> tuple[Optional[int], Optional[int]]:
+    """``(max_seqlen_q, max_seqlen_k)`` as ints for packed sequences, ``(None, None)`` for
+    dense batches, after checking them."""
+    given = {name: value for name, value in (
+        ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k),
+        ("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)) if value is not None}
+    if not given:
+        return None, None
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        raise ValueError(f"{_OP}: packed sequences need both cu_seqlens_q and cu_seqlens_k, got only {sorted(given)}")
+    if q.shape[0] != 1:
+        raise ValueError(
+            f"{_OP}: with cu_seqlens, q, k and v hold the packed tokens in one batch row (1, H, total, D), "
+            f"got batch {q.shape[0]}"
+        )
+    max_seqlen_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[2], max_seqlen_q, q)
+    max_seqlen_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[2], max_seqlen_k, q)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(
+            f"{_OP}: cu_seqlens_q and cu_seqlens_k must count the same sequences, got "
+            f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}"
+        )
+    return max_seqlen_q, max_seqlen_k
+
+
+def _check_options(causal: object, softmax_scale: object, window: object, softcap: object) -> tuple:
+    """``(causal, softmax_scale, window, softcap)`` as Python scalars (None where not given)."""
     causal = check_bool(_OP, "causal", causal)
     if softmax_scale is not None:
         softmax_scale = check_number(_OP, "softmax_scale", softmax_scale, above=0.0)
-    return (causal, softmax_scale, *_check_dropout(_OP, dropout_p, seed))
+    if window is not None:
+        window = check_number(_OP, "window", window, integer=True, at_least=1, below=2**31)
+        if not causal:
+            raise ValueError(f"{_OP}: window needs causal=True (it limits how far back a query looks)")
+    if softcap is not None:
+        softcap = check_number(_OP, "softcap", softcap, above=0.0)
+    return causal, softmax_scale, window, softcap
 
 
-def _kernel_unsupported(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
+def _kernel_unsupported(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor]) -> Optional[str]:
     """The reason the kernel cannot take this call (the dispatcher then uses the reference
     under ``auto`` and raises under ``triton``), or None."""
     b, h, _, d = q.shape
+    if cu_seqlens_q is not None:
+        b = cu_seqlens_q.numel() - 1
     if d > MAX_HEAD_DIM:
         return f"head dim {d} > {MAX_HEAD_DIM} is not supported by the kernel"
     if b > MAX_GRID_YZ or h > MAX_GRID_YZ:
@@ -721,6 +1001,12 @@ def flash_attention(
     softmax_scale: Optional[float] = None,
     dropout_p: float = 0.0,
     seed: Optional[int] = None,
+    window: Optional[int] = None,
+    softcap: Optional[float] = None,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Scaled dot-product attention, ``softmax(q k^T * scale + mask) v``, fused.
@@ -729,8 +1015,10 @@ def flash_attention(
         q: (B, H, Tq, D) float32, float16 or bfloat16 (float64 on the reference path); any
             strides — e.g. the views of a packed (B, T, 3, H, D) projection are read in
             place (a head dim with non-unit stride is copied first).
-        k, v: (B, H, Tk, D), q's dtype and device. Tq, Tk >= 1 and may differ; D up to 128
-            on the kernel path (any D on the reference path).
+        k, v: (B, H_kv, Tk, D), q's dtype and device, with H_kv dividing H: query head h
+            reads key/value head ``h // (H // H_kv)`` (grouped-query; H_kv = 1 is
+            multi-query), in place. Tq, Tk >= 1 and may differ; D up to 128 on the kernel
+            path (any D on the reference path).
         causal: mask aligned to the bottom right: query i sees key j iff
             ``j <= i + Tk - Tq``; rows that see no key (Tq > Tk) output 0.
         softmax_scale: defaults to ``1 / sqrt(D)``.
@@ -740,25 +1028,51 @@ def flash_attention(
             the same seed gives the same mask (see :func:`dropout_mask`); on the reference
             path a seed also gives a reproducible, but different, mask. Pass one under
             ``torch.compile``: drawing it is a graph break.
+        window: sliding window (needs ``causal``): query i sees only the ``window`` keys
+            ``i + Tk - Tq - window < j <= i + Tk - Tq``; the kernel skips key blocks
+            outside it. An int >= 1; None for no window.
+        softcap: logit soft-capping (Gemma 2): scores ``s = scale q.k`` become
+            ``softcap * tanh(s / softcap)`` before the softmax. A float > 0, or None.
+        cu_seqlens_q, cu_seqlens_k: packed variable-length sequences, as flash-attention's
+            varlen API: int32 (N + 1,) offsets rising from 0 to the packed lengths; q is
+            then (1, H, total_q, D) and k, v (1, H_kv, total_k, D), sequence n owning
+            tokens ``cu_seqlens[n] .. cu_seqlens[n + 1]``. Each sequence attends only
+            within itself, with ``causal`` and ``window`` aligned to its own bottom right;
+            no padding is stored or computed. The offsets are checked on the host (one
+            small device-to-host copy), except under ``torch.compile``.
+        max_seqlen_q, max_seqlen_k: the longest sequence in each (required with
+            cu_seqlens; it sizes the launch).
         backend: None (``$FUSEDGPT_BACKEND`` or ``auto``), ``"auto"``, ``"triton"``, ``"torch"``.
 
     Returns:
         (B, H, Tq, D) in q's dtype (stored as (B, Tq, H, D) on the kernel path). fp16/bf16
         use tensor cores with fp32 accumulation; fp32 is computed in true fp32 (no TF32).
+        Non-finite input propagates on both paths: a NaN in a query row gives a NaN
+        output row (and NaN gradients through it), as PyTorch's own ops do, never 0;
+        only a row that the mask leaves without any key outputs 0.
     """
-    causal, softmax_scale, dropout_p, seed = _check(q, k, v, causal, softmax_scale, dropout_p, seed)
+    _check_tensors(q, k, v)
+    causal, softmax_scale, window, softcap = _check_options(causal, softmax_scale, window, softcap)
+    dropout_p, seed = _check_dropout(_OP, dropout_p, seed)
+    max_seqlen_q, max_seqlen_k = _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
-    path = _backend.choose(_OP, backend, (q, k, v), unsupported=_kernel_unsupported(q, k, v))
+    path = _backend.choose(_OP, backend, (q, k, v), unsupported=_kernel_unsupported(q, k, v, cu_seqlens_q))
     if dropout_p > 0 and seed is None:
         seed = _draw_seed()
     if path == "triton":
-        return _FlashAttentionFunction.apply(q, k, v, causal, scale, dropout_p, seed or 0)
+        return _FlashAttentionFunction.apply(
+            q, k, v, causal, scale, dropout_p, seed or 0, window, softcap,
+            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        )
     mask = None
     if dropout_p > 0:
         generator = torch.Generator(device=q.device).manual_seed(seed)
         shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         mask = torch.rand(shape, generator=generator, device=q.device) >= dropout_p
-    return reference.attention(q, k, v, causal, scale, dropout_p, mask)
+    return reference.attention(
+        q, k, v, causal, scale, dropout_p, mask,
+        window=window, softcap=softcap, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+    )
 
 
 # --------------------------------------------------------------------------- compile report

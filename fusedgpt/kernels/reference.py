@@ -166,12 +166,40 @@ def linear_cross_entropy(
     return cross_entropy(logits, target, ignore_index, reduction, label_smoothing, z_loss)
 
 
-def causal_mask(tq: int, tk: int, device: torch.device) -> Tensor:
-    """(tq, tk) bool, True where query i may see key j: ``j <= i + tk - tq`` (bottom-right
-    aligned, so the last query sees every key, as decoding with a KV cache needs)."""
-    rows = torch.arange(tq, device=device)[:, None]
-    cols = torch.arange(tk, device=device)[None, :]
-    return cols <= rows + (tk - tq)
+def attention_mask(
+    tq: int,
+    tk: int,
+    causal: bool = True,
+    window: Optional[int] = None,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    device: Optional[torch.device] = None,
+) -> Tensor:
+    """(tq, tk) bool, True where query i may see key j.
+
+    Positions are aligned to the bottom right: query i sits at ``i' = i + tk - tq`` among
+    the keys (so the last query sees every key, as decoding with a KV cache needs). Causal:
+    ``j <= i'``; a window w also needs ``j > i' - w``. With ``cu_seqlens_q``/``cu_seqlens_k``
+    ((N + 1,) offsets of N packed sequences) a query sees only keys of its own sequence,
+    and i, j, tq, tk are taken within that sequence.
+    """
+    if cu_seqlens_q is None:
+        cu_seqlens_q = torch.tensor([0, tq], device=device)
+        cu_seqlens_k = torch.tensor([0, tk], device=device)
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.long(), cu_seqlens_k.long()
+    q_pos, k_pos = torch.arange(tq, device=cu_seqlens_q.device), torch.arange(tk, device=cu_seqlens_q.device)
+    q_seq = torch.searchsorted(cu_seqlens_q, q_pos, right=True) - 1  # the sequence of each token
+    k_seq = torch.searchsorted(cu_seqlens_k, k_pos, right=True) - 1
+    q_len = cu_seqlens_q[q_seq + 1] - cu_seqlens_q[q_seq]
+    k_len = cu_seqlens_k[q_seq + 1] - cu_seqlens_k[q_seq]  # of the query's sequence
+    aligned = (q_pos - cu_seqlens_q[q_seq] + k_len - q_len)[:, None]  # i' of each query
+    j = (k_pos - cu_seqlens_k[k_seq])[None, :]
+    visible = q_seq[:, None] == k_seq[None, :]
+    if causal:
+        visible = visible & (j <= aligned)
+    if window is not None:
+        visible = visible & (j > aligned - window)
+    return visible
 
 
 def attention(
@@ -182,33 +210,35 @@ def attention(
     softmax_scale: Optional[float] = None,
     dropout_p: float = 0.0,
     dropout_mask: Optional[Tensor] = None,
+    *,
+    window: Optional[int] = None,
+    softcap: Optional[float] = None,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
 ) -> Tensor:
-    """``softmax(q @ k.T * scale + mask) @ v`` for q (B, H, Tq, D), k and v (B, H, Tk, D).
+    """``softmax(mask(cap(q @ k.T * scale))) @ v`` for q (B, H, Tq, D), k and v (B, H_kv, Tk, D).
 
+    Query head h reads key/value head ``h // (H // H_kv)`` (grouped-query attention; here
+    by an explicit repeat). ``cap(s) = softcap * tanh(s / softcap)`` when ``softcap`` is
+    given. The mask is :func:`attention_mask` (causal, window, packed sequences).
     ``dropout_mask`` (B, H, Tq, Tk) bool, True = keep, reproduces a given dropout draw
-    (kept probabilities are scaled by ``1 / (1 - dropout_p)``). Without it, ``dropout_p``
-    draws from torch's generator. Rows with no visible key (possible only when causal and
-    ``Tq > Tk``) output 0.
+    (kept probabilities are scaled by ``1 / (1 - dropout_p)``); without it, ``dropout_p``
+    draws from torch's generator. Rows that the mask leaves without any key output 0;
+    every other row follows the data, so a NaN in a query row gives a NaN row. The
+    (Tq, Tk) scores are materialised: this is the oracle and a fallback, not a fast path.
     """
     dtype = _compute_dtype(q, k, v)
-    qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
+    group = q.shape[1] // k.shape[1]
+    qf = q.to(dtype)
+    kf, vf = (t.to(dtype).repeat_interleave(group, dim=1) for t in (k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
-    tq, tk = q.shape[-2], k.shape[-2]
-    if dropout_mask is None and not (causal and tq > tk):
-        # The fast path for the fallback: SDPA, with an explicit mask where torch's own
-        # causal flag (top-left aligned) would disagree with ours.
-        mask = causal_mask(tq, tk, q.device) if causal and tq != tk else None
-        out = F.scaled_dot_product_attention(
-            qf, kf, vf, attn_mask=mask, dropout_p=dropout_p,
-            is_causal=causal and tq == tk, scale=scale,
-        )
-        return out.to(q.dtype)
+    visible = attention_mask(q.shape[-2], k.shape[-2], causal, window, cu_seqlens_q, cu_seqlens_k, q.device)
     scores = torch.matmul(qf, kf.transpose(-2, -1)) * scale
-    if causal:
-        visible = causal_mask(tq, tk, q.device)
-        scores = scores.masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)  # rows that see no key
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    # A row with no visible key is all nan after the softmax: 0 there, by the mask alone.
+    probs = torch.where(visible, probs, 0.0)
     if dropout_mask is not None:
         probs = probs * dropout_mask.to(dtype) / (1.0 - dropout_p)
     elif dropout_p:

@@ -1,6 +1,8 @@
-"""Flash attention: parity of the output and of dq, dk, dv against a float64 reference,
-dropout, saved-tensor accounting, configs and the compile report, dispatch and bad input."""
+"""Flash attention: parity of the output and of dq, dk, dv against a float64 reference
+(plain, grouped-query, windowed, soft-capped, packed variable-length), dropout, non-finite
+input, saved-tensor accounting, configs and the compile report, dispatch and bad input."""
 
+import itertools
 import math
 
 import pytest
@@ -14,21 +16,23 @@ from tests.kernels.parity import assert_parity
 F32, F16 = torch.float32, torch.float16
 
 
-def _qkv(b, h, tq, tk, d, dtype, device, seed=0):
+def _qkv(b, h, tq, tk, d, dtype, device, seed=0, h_kv=None):
     generator = torch.Generator().manual_seed(seed)
 
-    def draw(t):
-        return torch.randn(b, h, t, d, generator=generator).to(device, dtype)
+    def draw(heads, t):
+        return torch.randn(b, heads, t, d, generator=generator).to(device, dtype)
 
-    return dict(q=draw(tq), k=draw(tk), v=draw(tk))
+    h_kv = h if h_kv is None else h_kv
+    return dict(q=draw(h, tq), k=draw(h_kv, tk), v=draw(h_kv, tk))
 
 
 def _kernel(**options):
     return lambda q, k, v: flash_attention(q, k, v, backend="triton", **options)
 
 
-def _oracle(causal=True, softmax_scale=None, dropout_p=0.0, dropout_mask=None):
-    return lambda q, k, v: reference.attention(q, k, v, causal, softmax_scale, dropout_p, dropout_mask)
+def _oracle(causal=True, softmax_scale=None, dropout_p=0.0, dropout_mask=None, **features):
+    """The float64 reference; ``features``: window, softcap, cu_seqlens_q, cu_seqlens_k."""
+    return lambda q, k, v: reference.attention(q, k, v, causal, softmax_scale, dropout_p, dropout_mask, **features)
 
 
 # ------------------------------------------------------------------------- parity
@@ -149,7 +153,7 @@ def test_logsumexp_is_saved_in_fp32(device):
     inputs = _qkv(1, 2, 30, 11, 48, F16, device)
     _, lse = attention_module.flash_attention_forward(**inputs, causal=True, softmax_scale=0.2, dropout_p=0.0, seed=0)
     q, k = inputs["q"].double(), inputs["k"].double()
-    scores = (q @ k.transpose(-1, -2) * 0.2).masked_fill(~reference.causal_mask(30, 11, q.device), float("-inf"))
+    scores = (q @ k.transpose(-1, -2) * 0.2).masked_fill(~reference.attention_mask(30, 11), float("-inf"))
     assert lse.dtype == torch.float32
     torch.testing.assert_close(lse.double(), torch.logsumexp(scores, dim=-1), rtol=1e-5, atol=1e-5)
 
@@ -178,6 +182,151 @@ def test_torch_compile_fullgraph_matches_eager(device):
     expected.square().sum().backward()
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     torch.testing.assert_close(leaf.grad, eager_leaf.grad, rtol=0, atol=0)
+
+
+# ------------------------------------------------ grouped-query, window, softcap, packed
+
+
+def _offsets(lengths, device):
+    """int32 (N + 1,) offsets of packed sequences of these lengths."""
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+
+
+def _packed_options(q_lengths, k_lengths, device):
+    return dict(
+        cu_seqlens_q=_offsets(q_lengths, device), cu_seqlens_k=_offsets(k_lengths, device),
+        max_seqlen_q=max(q_lengths), max_seqlen_k=max(k_lengths),
+    )
+
+
+FEATURE_CASES = [
+    # id, B, H, H_kv, Tq (or packed query lengths), Tk (or key lengths), D, dtype, options.
+    # Each query/key-head ratio 1, 2, 3, 4, 8 and multi-query; windows of 1, inside, and
+    # wider than T; soft-capping with and without causal; D 32 .. 128 (80: not a power of
+    # two); the flash-attention suite's odd pairs; dropout with each feature.
+    ("gqa2", 1, 4, 2, 113, 203, 64, F16, {}),
+    ("gqa4-softcap-noncausal", 1, 8, 2, 45, 45, 64, F32, dict(causal=False, softcap=5.0)),
+    ("gqa8-window-dropout", 1, 16, 2, 17, 33, 64, F16, dict(window=5, dropout_p=0.3)),
+    ("mqa-window-d80", 2, 3, 1, 77, 77, 80, F32, dict(window=20)),
+    ("window1", 1, 2, 2, 108, 256, 64, F32, dict(window=1)),
+    ("mqa-window-wider-than-t", 1, 2, 1, 203, 113, 64, F16, dict(window=256)),
+    ("softcap-window-dropout-d128", 1, 2, 2, 65, 65, 128, F16, dict(softcap=3.0, window=30, dropout_p=0.2)),
+    ("softcap-dropout", 2, 2, 2, 40, 50, 48, F32, dict(softcap=1.0, dropout_p=0.2)),
+    # Packed: sequences of length 0 and 1, Tq > Tk (rows that see no key), Tq < Tk.
+    ("packed-gqa2", 1, 4, 2, [1, 37, 0, 12, 1], [1, 50, 64, 5, 9], 64, F32, {}),
+    ("packed-mqa-softcap-noncausal", 1, 2, 1, [20, 1, 45], [33, 0, 45], 64, F16, dict(causal=False, softcap=2.0)),
+    ("packed-window-dropout", 1, 2, 2, [30, 17, 1], [30, 40, 3], 32, F32, dict(window=7, dropout_p=0.25)),
+]
+
+
+@pytest.mark.parametrize("case", FEATURE_CASES, ids=[c[0] for c in FEATURE_CASES])
+def test_parity_features(case, device):
+    _, b, h, h_kv, tq, tk, d, dtype, options = case
+    options = dict(options)
+    if isinstance(tq, list):
+        options.update(_packed_options(tq, tk, device))
+        tq, tk = sum(tq), sum(tk)
+    features = {name: options[name] for name in ("window", "softcap", "cu_seqlens_q", "cu_seqlens_k") if name in options}
+    mask = None
+    if options.get("dropout_p"):
+        options["seed"] = 77
+        mask = attention_module.dropout_mask(77, (b, h, tq, tk), options["dropout_p"], device)
+    oracle = _oracle(options.get("causal", True), None, options.get("dropout_p", 0.0), mask, **features)
+    assert_parity(_kernel(**options), oracle, _qkv(b, h, tq, tk, d, dtype, device, h_kv=h_kv))
+
+
+def test_packed_sequences_match_each_sequence_alone(device):
+    # The same kernel on each sequence as its own batch: packing changes nothing (and the
+    # reference's packed mask is not the only witness).
+    q_lengths, k_lengths = [9, 1, 40], [30, 4, 40]
+    inputs = _qkv(1, 4, sum(q_lengths), sum(k_lengths), 16, F32, device, h_kv=2)
+    packed = flash_attention(**inputs, window=6, softcap=4.0, backend="triton",
+                             **_packed_options(q_lengths, k_lengths, device))
+    q_at, k_at = _offsets(q_lengths, "cpu").tolist(), _offsets(k_lengths, "cpu").tolist()
+    for n in range(len(q_lengths)):
+        alone = flash_attention(
+            inputs["q"][:, :, q_at[n]:q_at[n + 1]], inputs["k"][:, :, k_at[n]:k_at[n + 1]],
+            inputs["v"][:, :, k_at[n]:k_at[n + 1]], window=6, softcap=4.0, backend="triton",
+        )
+        torch.testing.assert_close(packed[:, :, q_at[n]:q_at[n + 1]], alone, rtol=1e-6, atol=1e-6)
+
+
+def test_grouped_query_reads_kv_in_place(device, monkeypatch):
+    inputs = _qkv(1, 8, 21, 21, 16, F32, device, h_kv=2)
+    launched = []
+    forward = attention_module.flash_attention_forward
+
+    def spy(q, k, v, *args):
+        launched.append((k.data_ptr(), tuple(k.shape)))
+        return forward(q, k, v, *args)
+
+    monkeypatch.setattr(attention_module, "flash_attention_forward", spy)
+    flash_attention(**inputs, backend="triton")
+    assert launched == [(inputs["k"].data_ptr(), (1, 2, 21, 16))]
+
+
+def test_window_skips_key_blocks_outside_it(device):
+    # NaN values in keys 0..15 (one pinned key block). A masked-but-visited block would
+    # spread them (0 * NaN in P V) to every row of the query blocks that visit it; skipped,
+    # they cannot reach query blocks whose window starts past them: with window 8, the
+    # query blocks from row 32 on (pinned BLOCK_M 32), in the output and in dq.
+    block_m = attention_module.INTERPRETER_CONFIGS["fwd"][0].kwargs["BLOCK_M"]
+    assert attention_module.INTERPRETER_CONFIGS["fwd"][0].kwargs["BLOCK_N"] == 16 and block_m == 32
+    clean = {k: v.requires_grad_() for k, v in _qkv(1, 2, 96, 96, 16, F32, device).items()}
+    poisoned = {k: v.detach().clone().requires_grad_() for k, v in clean.items()}
+    with torch.no_grad():
+        poisoned["v"][:, :, :16] = float("nan")
+    outs = []
+    for inputs in (clean, poisoned):
+        out = flash_attention(**inputs, window=8, backend="triton")
+        out.sum().backward()
+        outs.append(out)
+    assert outs[1][:, :, :block_m].isnan().any()  # the first query block did see them
+    torch.testing.assert_close(outs[1][:, :, block_m:], outs[0][:, :, block_m:], rtol=0, atol=0)
+    torch.testing.assert_close(poisoned["q"].grad[:, :, block_m:], clean["q"].grad[:, :, block_m:], rtol=0, atol=0)
+
+
+def test_torch_compile_fullgraph_with_every_feature(device):
+    inputs = _qkv(1, 4, 30, 30, 16, F32, device, h_kv=2)
+    options = dict(dropout_p=0.1, seed=3, window=5, softcap=2.0, **_packed_options([10, 20], [12, 18], device))
+
+    def attend(q, k, v):
+        return flash_attention(q, k, v, backend="triton", **options)
+
+    compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
+    leaves = [{k: v.clone().requires_grad_() for k, v in inputs.items()} for _ in range(2)]
+    out, expected = compiled(**leaves[0]), attend(**leaves[1])
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for name in ("q", "k", "v"):
+        torch.testing.assert_close(leaves[0][name].grad, leaves[1][name].grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_nan_in_a_query_row_propagates(backend, device):
+    # Defined behaviour, as PyTorch's own ops: a NaN in query row i makes output row i and
+    # dq row i NaN, and the gradients of every key and value that row sees (others may be
+    # NaN too, through 0 * NaN); the other rows are untouched. Never a 0 in its place.
+    row = 5
+    inputs = {k: v.requires_grad_() for k, v in _qkv(1, 2, 20, 20, 16, F32, device).items()}
+    poisoned = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    with torch.no_grad():
+        poisoned["q"][0, 1, row, 3] = float("nan")
+    results = []
+    for leaves in (inputs, poisoned):
+        out = flash_attention(**leaves, backend=backend)
+        out.sum().backward()
+        results.append(out)
+    clean, out = results
+    assert out[0, 1, row].isnan().all() and poisoned["q"].grad[0, 1, row].isnan().all()
+    others = torch.ones(out.shape[:3], dtype=torch.bool)
+    others[0, 1, row] = False
+    torch.testing.assert_close(out[others], clean[others], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(poisoned["q"].grad[others], inputs["q"].grad[others], rtol=1e-6, atol=1e-6)
+    for name in ("k", "v"):
+        assert poisoned[name].grad[0, 1, : row + 1].isnan().all(), name  # causal: keys 0..row
+
 
 
 # ------------------------------------------------------------------------- dropout
@@ -253,12 +402,13 @@ def _saved(fn, inputs):
 
 
 def test_saves_only_qkv_output_and_fp32_logsumexp(device):
-    b, h, tq, tk, d = 1, 2, 67, 89, 16  # primes: no saved shape can hide Tq * Tk
-    inputs = _qkv(b, h, tq, tk, d, F16, device)
+    b, h, h_kv, tq, tk, d = 1, 4, 2, 67, 89, 16  # primes: no saved shape can hide Tq * Tk
+    inputs = _qkv(b, h, tq, tk, d, F16, device, h_kv=h_kv)
     saved, out = _saved(_kernel(dropout_p=0.1, seed=1), inputs)
     assert all(t.numel() < tq * tk for t in saved), [tuple(t.shape) for t in saved]
     storages = {t.untyped_storage().data_ptr(): t for t in saved}
-    expected = (2 * b * h * tk * d + 2 * b * h * tq * d) * 2 + b * h * tq * 4  # q k v o in fp16, lse
+    # q, o and k, v (grouped: H_kv heads, never repeated) in fp16, and the fp32 logsumexp
+    expected = (2 * b * h_kv * tk * d + 2 * b * h * tq * d) * 2 + b * h * tq * 4
     assert sum(t.untyped_storage().nbytes() for t in storages.values()) == expected
     assert any(t.dtype == torch.float32 and t.shape == (b, h, tq) for t in saved)
     assert any(t.data_ptr() == out.data_ptr() for t in saved)
@@ -390,10 +540,15 @@ def test_explicit_triton_without_interpreter_raises(monkeypatch):
     torch.testing.assert_close(flash_attention(**inputs), reference.attention(**inputs))
 
 
-def _bad(**changes):
+def _bad(packed=False, **changes):
+    """Valid inputs with ``changes``: a function of an input tensor, or an option's value.
+    ``packed``: two packed sequences (queries 2 + 3, keys 3 + 4) with 4 query heads and 2
+    key/value heads, instead of a (2, 3, 5, 7, 16) batch."""
     def make():
-        inputs = _qkv(2, 3, 5, 7, 16, F32, "cpu")
-        options = {}
+        if packed:
+            inputs, options = _qkv(1, 4, 5, 7, 16, F32, "cpu", h_kv=2), _packed_options([2, 3], [3, 4], "cpu")
+        else:
+            inputs, options = _qkv(2, 3, 5, 7, 16, F32, "cpu"), {}
         for name, change in changes.items():
             if name in inputs:
                 inputs[name] = change(inputs[name])
@@ -409,7 +564,7 @@ def _bad(**changes):
         (_bad(q=lambda t: t[0]), ValueError, "q must have 4 dimensions"),
         (_bad(k=lambda t: t[None]), ValueError, "k must have 4 dimensions"),
         (_bad(k=lambda t: t[:1], v=lambda t: t[:1]), ValueError,
-         r"k must have shape \(B, H, Tk, D\) = \(2, 3, Tk, 16\)"),
+         r"k must have shape \(B, H_kv, Tk, D\) = \(2, H_kv, Tk, 16\)"),
         (_bad(v=lambda t: t[:, :2]), ValueError, "v must have shape"),
         (_bad(k=lambda t: t[..., :8]), ValueError, "k must have shape"),
         (_bad(v=lambda t: t[:, :, :6]), ValueError, "k and v must have the same length"),
@@ -431,6 +586,32 @@ def _bad(**changes):
         (_bad(seed=2**63), ValueError, "seed must be an int"),
         (_bad(seed=1.5), TypeError, "seed must be an int"),
         (_bad(backend="cuda"), ValueError, "backend must be one of"),
+        (_bad(k=lambda t: t[:, :2], v=lambda t: t[:, :2]), ValueError,
+         "q's heads H = 3 must be a multiple of k and v's heads H_kv = 2"),
+        (_bad(window=0), ValueError, "window must be an int >= 1"),
+        (_bad(window=2.0), TypeError, "window must be an int"),
+        (_bad(window=4, causal=False), ValueError, "window needs causal=True"),
+        (_bad(softcap=0.0), ValueError, "softcap must be a finite real number > 0"),
+        (_bad(softcap=-1.0), ValueError, "softcap"),
+        (_bad(softcap=math.inf), ValueError, "softcap"),
+        (_bad(cu_seqlens_q=_offsets([2, 3], "cpu"), cu_seqlens_k=_offsets([3, 4], "cpu"), max_seqlen_q=3,
+              max_seqlen_k=4), ValueError, "one batch row .* got batch 2"),
+        (_bad(packed=True, cu_seqlens_k=None), ValueError, "need both cu_seqlens_q and cu_seqlens_k"),
+        (_bad(cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=3), ValueError,
+         r"need both cu_seqlens_q and cu_seqlens_k, got only \['max_seqlen_q'\]"),
+        (_bad(packed=True, cu_seqlens_q=_offsets([2, 3], "cpu").long()), TypeError, "cu_seqlens_q must be int32"),
+        (_bad(packed=True, cu_seqlens_k=[0, 3, 7]), TypeError, "cu_seqlens_k must be a torch.Tensor"),
+        (_bad(packed=True, cu_seqlens_q=_offsets([2, 3], "cpu")[None]), ValueError, r"cu_seqlens_q must have shape \(N \+ 1,\)"),
+        (_bad(packed=True, cu_seqlens_q=torch.tensor([0, 4, 2, 5], dtype=torch.int32)), ValueError,
+         r"cu_seqlens_q must rise from 0 to the packed length 5 without decreasing, got \[0, 4, 2, 5\]"),
+        (_bad(packed=True, cu_seqlens_k=torch.tensor([0, 3, 6], dtype=torch.int32)), ValueError,
+         "cu_seqlens_k must rise from 0 to the packed length 7"),
+        (_bad(packed=True, cu_seqlens_k=torch.tensor([1, 3, 7], dtype=torch.int32)), ValueError, "rise from 0"),
+        (_bad(packed=True, cu_seqlens_k=_offsets([3, 1, 3], "cpu")), ValueError, "must count the same sequences, got 2 and 3"),
+        (_bad(packed=True, max_seqlen_k=None), ValueError, "max_seqlen_k is required with cu_seqlens_k"),
+        (_bad(packed=True, max_seqlen_q=2), ValueError, "max_seqlen_q = 2 is less than the longest sequence, 3"),
+        (_bad(packed=True, max_seqlen_q=0), ValueError, "max_seqlen_q must be an int >= 1"),
+        (_bad(packed=True, cu_seqlens_q=_offsets([2, 3], "meta")), ValueError, "one device.*cu_seqlens_q on meta"),
     ],
 )
 def test_bad_input(make, error, words, monkeypatch):
