@@ -315,6 +315,30 @@ def test_a_full_disk_while_saving_is_a_clear_message_and_loses_nothing(corpus_di
     assert ckpt.open_checkpoint(out).step == 4
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MiB tmpfs: room for one checkpoint of the tiny test model (~20 MiB), not two.
+    Mounting needs privileges; without them the simulated full disks above still run."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_really_full_disk_while_saving(corpus_dir, small_disk, capsys):
+    out = small_disk / "run"
+    assert main(train_argv(corpus_dir, out, "--max-steps", "4", "--save-every", "2", "--keep-last", "1")) == 2
+    err = capsys.readouterr().err
+    assert f"error: no space left on the device holding {out} while saving step 4; the last checkpoint, step 2" in err
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["ckpt_00000002"]
+    assert ckpt.open_checkpoint(out).step == 2 and not list(out.glob(".ckpt_*"))
+
+
 def test_a_full_disk_in_safetensors_is_recognised(tmp_path, monkeypatch):
     from safetensors import SafetensorError
 
