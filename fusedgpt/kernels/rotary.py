@@ -50,25 +50,36 @@ MAX_TILE = 4096
 
 
 @triton.jit
+def _turn(a, b, cos, sin):
+    return a * cos - b * sin, b * cos + a * sin
+
+
+@triton.jit
 def _rotate_heads(X, Y, x_token, y_token, stride_xh, stride_yh, n_heads, cos, sin, half,
                   BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """Rotate every head of one token of X into Y, BLOCK_H heads at a time."""
+    """Rotate every head of one token of X into Y, BLOCK_H heads at a time. Both layouts
+    read and write whole contiguous runs of each head, so loads stay 128 bits wide."""
     pairs = tl.arange(0, BLOCK_HALF)
-    if INTERLEAVED:
-        first = 2 * pairs
-        second = first + 1
-    else:
-        first = pairs
-        second = pairs + half
+    features = tl.arange(0, 2 * BLOCK_HALF)
     for head_start in range(0, n_heads, BLOCK_H):
         heads = (head_start + tl.arange(0, BLOCK_H)).to(tl.int64)
-        mask = (heads < n_heads)[:, None] & (pairs < half)[None, :]
         x_ptrs = X + x_token + heads[:, None] * stride_xh
         y_ptrs = Y + y_token + heads[:, None] * stride_yh
-        a = tl.load(x_ptrs + first[None, :], mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(x_ptrs + second[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptrs + first[None, :], (a * cos - b * sin).to(Y.dtype.element_ty), mask=mask)
-        tl.store(y_ptrs + second[None, :], (b * cos + a * sin).to(Y.dtype.element_ty), mask=mask)
+        if INTERLEAVED:
+            # The whole head, then its (even, odd) features split apart in registers.
+            mask = (heads < n_heads)[:, None] & (features < 2 * half)[None, :]
+            x = tl.load(x_ptrs + features[None, :], mask=mask, other=0.0).to(tl.float32)
+            a, b = tl.split(tl.reshape(x, (BLOCK_H, BLOCK_HALF, 2)))
+            a, b = _turn(a, b, cos, sin)
+            y = tl.reshape(tl.join(a, b), (BLOCK_H, 2 * BLOCK_HALF))
+            tl.store(y_ptrs + features[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        else:
+            mask = (heads < n_heads)[:, None] & (pairs < half)[None, :]
+            a = tl.load(x_ptrs + pairs[None, :], mask=mask, other=0.0).to(tl.float32)
+            b = tl.load(x_ptrs + half + pairs[None, :], mask=mask, other=0.0).to(tl.float32)
+            a, b = _turn(a, b, cos, sin)
+            tl.store(y_ptrs + pairs[None, :], a.to(Y.dtype.element_ty), mask=mask)
+            tl.store(y_ptrs + half + pairs[None, :], b.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
