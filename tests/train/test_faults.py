@@ -468,17 +468,25 @@ def test_csv_with_a_bom_reads_and_latin1_is_named(tmp_path):
         fdata.read_labeled(tmp_path / "latin1.csv")
 
 
-def test_a_run_started_with_relative_paths_resumes_from_another_directory(corpus_dir, tmp_path, monkeypatch):
+def test_a_run_started_with_relative_paths_resumes_and_generates_from_another_directory(corpus_text, tmp_path,
+                                                                                        monkeypatch, capsys):
+    from fusedgpt.model.tokenizer import save_bpe, train_bpe
+
     work = tmp_path / "work"
-    (work / "data").mkdir(parents=True)
-    for shard in corpus_dir.iterdir():
-        (work / "data" / shard.name).write_bytes(shard.read_bytes())
+    work.mkdir()
+    (work / "text.txt").write_text(corpus_text[:6000])
+    save_bpe(train_bpe(corpus_text[:3000], 280), work / "tok.tiktoken")
     monkeypatch.chdir(work)
-    assert main(train_argv(Path("data"), Path("run"), "--max-steps", "2")) == 0
-    stored = ckpt.open_checkpoint(work / "run").meta["train"]
-    assert stored["data"] == str(work / "data")
+    argv = train_argv(Path("text.txt"), Path("run"), "--tokenizer", "tok.tiktoken", "--val-fraction", "0.1")
+    assert main([*argv, "--max-steps", "2"]) == 0
+    meta = ckpt.open_checkpoint(work / "run").meta
+    assert (meta["train"]["data"], meta["tokenizer"]) == (str(work / "text.txt"), str(work / "tok.tiktoken"))
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--out", str(work / "run"), "--resume", "--max-steps", "3", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(work / "run"), "--prompt", "KING", "--max-new-tokens", "3",
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("KING")
 
 
 def test_inspecting_an_unknown_op_fails_listing_the_known_ones(capfd):
