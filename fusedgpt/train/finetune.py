@@ -5,9 +5,10 @@ The starting point (``--checkpoint``) is a ``fusedgpt train`` checkpoint or run 
 a Hugging Face GPT-2 directory, or a GPT-2 name (see ``fusedgpt generate``); without one,
 a randomly initialised ``--preset`` model, which is enough to try the commands out.
 
-Training reuses the pretraining loop's pieces (``fusedgpt.train.trainer``): AdamW with
-weight decay on matrices only, over the parameters that train; a linear warmup and a cosine
-decay to a tenth of the peak rate over all fine-tuning steps; gradient clipping. The result
+Training shares pretraining's optimisation (``fusedgpt.train.optim``): AdamW with weight
+decay on matrices only, over the parameters that train; a linear warmup and a cosine decay to
+a tenth of the peak rate over all fine-tuning steps; gradient clipping; and its run log
+(``fusedgpt.train.runlog``): ``OUT/metrics.jsonl``, a progress bar, ``OUT/loss.png``. The result
 is an ordinary training checkpoint (``OUT/ckpt_NNNNNNNN/``, written atomically by
 ``fusedgpt.io.checkpoint``) whose ``meta.json`` also records the task (``classify`` or
 ``instruct``), the tokenizer and, for unmerged adapters, the LoRA configuration.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 from collections import defaultdict
@@ -35,11 +35,15 @@ from fusedgpt.io import written
 from fusedgpt.io.runlock import RunLock
 from fusedgpt.train.data import absolute_path
 from fusedgpt.train.lora import GROUPS, LAYERS, LoRAConfig, apply_lora, parameter_counts
-from fusedgpt.train.trainer import TrainConfig, TrainingDiverged, lr_at, make_optimizer
+from fusedgpt.train.optim import Optimization
+from fusedgpt.train.runlog import RunLog
+from fusedgpt.train.trainer import TrainingDiverged, check_seed
 
 PathLike = Union[str, os.PathLike]
 # batch_loss(example indices) -> (mean loss to minimise, sums to report for the epoch)
 BatchLoss = Callable[[list[int]], tuple[torch.Tensor, dict[str, float]]]
+# end_epoch(epoch, the epoch's sums, the run's log) -> the epoch's record (its evaluation)
+EndEpoch = Callable[[int, dict[str, float], RunLog], dict[str, Any]]
 
 
 @dataclass
@@ -64,13 +68,14 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.merge and self.lora is None:
             raise ValueError("--merge folds LoRA adapters into the weights; it needs --lora-rank")
-        self.schedule(1)  # TrainConfig checks lr, weight_decay, grad_clip and warmup_steps now, not after loading
+        check_seed(self.seed)
+        self.optimization(1)  # checks the rates now, not after loading the model
 
-    def schedule(self, total_steps: int) -> TrainConfig:
-        """The pretraining config that ``make_optimizer`` and ``lr_at`` read, carrying this
-        run's rates and step count (its other fields are unused)."""
-        return TrainConfig(lr=self.lr, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
-                           warmup_steps=min(self.warmup_steps, total_steps), max_steps=total_steps, seed=self.seed)
+    def optimization(self, total_steps: int) -> Optimization:
+        """The optimizer, schedule and clipping of a run of ``total_steps`` steps: warmup,
+        then a cosine to a tenth of ``lr``."""
+        return Optimization(lr=self.lr, max_steps=total_steps, warmup_steps=min(self.warmup_steps, total_steps),
+                            weight_decay=self.weight_decay, grad_clip=self.grad_clip)
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -127,39 +132,41 @@ def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> 
 
 
 def train(model: torch.nn.Module, cfg: FinetuneConfig, num_examples: int, batch_loss: BatchLoss,
-          end_epoch: Callable[[int, dict[str, float]], None], *, device: torch.device, progress: bool = True) -> int:
+          end_epoch: EndEpoch, *, device: torch.device, out: Path, title: str = "",
+          progress: bool = True) -> tuple[int, list[dict[str, Any]]]:
     """Run ``cfg.epochs`` epochs over ``num_examples`` examples, updating the parameters of
-    ``model`` that require grad; returns the number of optimizer steps.
+    ``model`` that require grad; returns the number of optimizer steps and each epoch's
+    record.
 
     ``batch_loss(indices)`` runs the forward for one batch (under autocast on CUDA) and
-    returns its mean loss and sums to report; after each epoch ``end_epoch(epoch, sums)``
-    gets those sums added up over the epoch (and may evaluate; it must leave the model in
-    train mode or not touch it).
+    returns its mean loss and sums to report; after each epoch ``end_epoch(epoch, sums,
+    log)`` gets those sums added up over the epoch, evaluates (leaving the model in train
+    mode or not touching it), may print through ``log`` and returns the epoch's record.
+    Every step and every epoch is recorded in ``OUT/metrics.jsonl`` and plotted to
+    ``OUT/loss.png`` (:class:`~fusedgpt.train.runlog.RunLog`).
 
     Raises:
         TrainingDiverged: a non-finite loss or gradient norm (the step is not taken).
     """
-    from tqdm.auto import tqdm
-
-    steps_per_epoch = math.ceil(num_examples / cfg.batch_size)
-    schedule = cfg.schedule(cfg.epochs * steps_per_epoch)
-    optimizer = make_optimizer(model, schedule, device)
+    optimization = cfg.optimization(cfg.epochs * math.ceil(num_examples / cfg.batch_size))
+    optimizer = optimization.optimizer(model, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    step = 0
-    bar = tqdm(total=schedule.max_steps, desc="fine-tuning", unit="step", dynamic_ncols=True, disable=not progress)
-    try:
+    step, epochs = 0, []
+    with RunLog(out, total_steps=optimization.max_steps, desc="fine-tuning", title=title, progress=progress,
+                record_files=True) as log:
         for epoch in range(1, cfg.epochs + 1):
             model.train()
             sums: dict[str, float] = defaultdict(float)
             for indices in epoch_batches(num_examples, cfg.batch_size, cfg.seed, epoch):
+                lr = optimization.lr_at(step)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, schedule)
+                    group["lr"] = lr
                 with autocast(device):
                     loss, stats = batch_loss(indices)
                 if not math.isfinite(loss.item()):
                     raise TrainingDiverged(f"non-finite loss ({loss.item()}) at step {step + 1}; stopped")
                 loss.backward()
-                norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+                norm = float(optimization.clip(trainable))
                 if not math.isfinite(norm):  # the step would write NaN into every weight that trains
                     raise TrainingDiverged(f"non-finite gradient norm ({norm}) at step {step + 1}; stopped "
                                            "without updating the weights")
@@ -168,31 +175,11 @@ def train(model: torch.nn.Module, cfg: FinetuneConfig, num_examples: int, batch_
                 step += 1
                 for key, value in stats.items():
                     sums[key] += value
-                bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", refresh=False)
-            bar.clear()
-            end_epoch(epoch, dict(sums))
-    finally:
-        bar.close()
-    return step
-
-
-class MetricsLog:
-    """One JSON record per epoch, appended to ``path`` (``OUT/metrics.jsonl``, started
-    empty) as soon as it is known, and kept in ``records``."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.records: list[dict[str, Any]] = []
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("")
-        written.record_written(path.parent, path)
-
-    def add(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        written.record_written(self.path.parent, self.path)
+                log.log({"step": step, "epoch": epoch, "train_loss": loss.item(), "lr": lr, "grad_norm": norm})
+                log.advance(epoch=str(epoch), loss=f"{loss.item():.3f}")
+            epochs.append({"step": step, "epoch": epoch, **end_epoch(epoch, dict(sums), log)})
+            log.log(epochs[-1])
+    return step, epochs
 
 
 def check_out(out: PathLike, command: str) -> RunLock:
@@ -283,8 +270,11 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 
 def base_from_args(args: argparse.Namespace) -> Base:
     device = resolve_device(args.device)
-    return load_base(args.checkpoint, preset=args.preset, tokenizer=args.tokenizer,
+    base = load_base(args.checkpoint, preset=args.preset, tokenizer=args.tokenizer,
                      backend=choose_backend(device, args.backend), device=device, seed=args.seed)
+    print(f"start: {base.source}; tokenizer {base.tokenizer_name}; backend={base.model.config.backend}; "
+          f"device {base.model.transformer.wte.weight.device}")
+    return base
 
 
 def pad_sequences(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:

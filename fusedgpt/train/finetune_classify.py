@@ -24,7 +24,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -35,7 +35,8 @@ from fusedgpt.kernels import cross_entropy
 from fusedgpt.model.gpt import GPT
 from fusedgpt.train import finetune
 from fusedgpt.train import finetune_data as fdata
-from fusedgpt.train.lora import apply_lora, merge_lora
+from fusedgpt.train.lora import LoRAConfig, apply_lora, merge_lora
+from fusedgpt.train.runlog import RunLog
 
 Tensor = torch.Tensor
 TASK = "classify"
@@ -249,6 +250,37 @@ def load_splits(args: argparse.Namespace, out: Path) -> tuple[dict[str, list[tup
     return splits, sources
 
 
+def classifier_to_train(gpt: GPT, num_classes: int, lora: Optional[LoRAConfig], train: Optional[str],
+                        last_k: int) -> tuple[GPTClassifier, str]:
+    """``gpt`` as a classifier, with what trains set (see the module docstring), and the
+    name of that choice (``"lora"`` or a :data:`TRAIN_MODES` one), described on stdout."""
+    if lora is not None:
+        apply_lora(gpt, lora)
+    model = GPTClassifier(gpt, num_classes).to(gpt.transformer.wte.weight.device)
+    mode = "lora" if lora is not None else (train or "last-k-blocks")
+    if lora is None:
+        set_trainable(model, mode, last_k)
+    print(f"training: {mode}" + (f" (k={last_k})" if mode == "last-k-blocks" else "")
+          + (f" rank={lora.rank} alpha={lora.alpha:g} on {','.join(lora.targets)}" if lora else "")
+          + f"; {finetune.describe_parameters(model)}")
+    return model, mode
+
+
+def held_out_results(model: GPTClassifier, test: EncodedTexts, train_labels: Sequence[int], classes: Sequence[str],
+                 pad_id: int, device: torch.device) -> dict[str, Any]:
+    """Accuracy, loss and confusion matrix on the test texts, beside the accuracy of always
+    answering the training set's most common class; printed and returned."""
+    result = evaluate(model, test, pad_id, device)
+    majority = Counter(train_labels).most_common(1)[0][0]
+    baseline = sum(label == majority for label in test.labels) / len(test.labels)
+    matrix = confusion_matrix(test.labels, result.predictions, len(classes))
+    print(f"test: accuracy {result.accuracy:.1%} (loss {result.loss:.4f}) on {len(test.labels)} examples; "
+          f"majority-class baseline ('{classes[majority]}' always) {baseline:.1%}")
+    print(format_confusion(matrix, classes))
+    return {"test_accuracy": result.accuracy, "test_loss": result.loss, "majority_baseline": baseline,
+            "majority_class": classes[majority], "classes": list(classes), "confusion_matrix": matrix}
+
+
 def run(args: argparse.Namespace) -> int:
     """``fusedgpt finetune-classify``."""
     cfg = finetune.config_from_args(args)
@@ -266,7 +298,6 @@ def run(args: argparse.Namespace) -> int:
 
     base = finetune.base_from_args(args)
     device = base.model.transformer.wte.weight.device
-    print(f"start: {base.source}; tokenizer {base.tokenizer_name}; backend={base.model.config.backend}; device {device}")
     context = base.model.config.context_length
     max_length = context if args.max_length is None else args.max_length
     if max_length > context:
@@ -277,21 +308,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"warning: {encoded.truncated} of {len(encoded.tokens)} {name} texts are longer than "
                   f"{max_length} tokens and were truncated")
 
-    if cfg.lora is not None:
-        apply_lora(base.model, cfg.lora)
-    model = GPTClassifier(base.model, len(classes)).to(device)
-    mode = "lora" if cfg.lora is not None else (args.train or "last-k-blocks")
-    if cfg.lora is None:
-        set_trainable(model, mode, args.last_k)
+    model, mode = classifier_to_train(base.model, len(classes), cfg.lora, args.train, args.last_k)
     counts = {name: dict(sorted(Counter(classes[i] for i in d.labels).items())) for name, d in data.items()}
-    print(f"training: {mode}" + (f" (k={args.last_k})" if mode == "last-k-blocks" else "")
-          + (f" rank={cfg.lora.rank} alpha={cfg.lora.alpha:g} on {','.join(cfg.lora.targets)}" if cfg.lora else "")
-          + f"; {finetune.describe_parameters(model)}")
     for name in ("train", "val", "test"):
         print(f"{name}: {len(data[name].tokens)} examples from {sources[name]}: {counts[name]}")
 
     train_data, pad_id = data["train"], base.tokenizer.eot_token
-    metrics = finetune.MetricsLog(out / "metrics.jsonl")
 
     def batch_loss(indices: list[int]) -> tuple[Tensor, dict[str, float]]:
         idx, lengths = _batch([train_data.tokens[i] for i in indices], pad_id, device)
@@ -301,30 +323,21 @@ def run(args: argparse.Namespace) -> int:
         correct = (logits.argmax(dim=-1) == labels).sum().item()
         return loss, {"loss": loss.item() * len(indices), "correct": correct, "count": len(indices)}
 
-    def end_epoch(epoch: int, sums: dict[str, float]) -> None:
+    def end_epoch(epoch: int, sums: dict[str, float], log: RunLog) -> dict[str, float]:
         val = evaluate(model, data["val"], pad_id, device)
-        record = {"epoch": epoch, "train_loss": sums["loss"] / sums["count"], "train_accuracy": sums["correct"] / sums["count"],
-                  "val_loss": val.loss, "val_accuracy": val.accuracy}
-        metrics.add(record)
-        print(f"epoch {epoch}: train loss {record['train_loss']:.4f} accuracy {record['train_accuracy']:.1%} "
-              f"(running, over the epoch) | val loss {val.loss:.4f} accuracy {val.accuracy:.1%}", flush=True)
+        train_loss, train_accuracy = sums["loss"] / sums["count"], sums["correct"] / sums["count"]
+        log.print(f"epoch {epoch}: train loss {train_loss:.4f} accuracy {train_accuracy:.1%} "
+                  f"(running, over the epoch) | val loss {val.loss:.4f} accuracy {val.accuracy:.1%}")
+        return {"epoch_train_loss": train_loss, "epoch_train_accuracy": train_accuracy,
+                "val_loss": val.loss, "val_accuracy": val.accuracy}
 
-    steps = finetune.train(model, cfg, len(train_data.tokens), batch_loss, end_epoch, device=device,
-                           progress=args.progress)
+    steps, epochs = finetune.train(model, cfg, len(train_data.tokens), batch_loss, end_epoch, device=device, out=out,
+                                   title=f"fusedgpt finetune-classify ({mode})", progress=args.progress)
 
-    test = evaluate(model, data["test"], pad_id, device)
-    majority = Counter(train_data.labels).most_common(1)[0][0]
-    baseline = sum(label == majority for label in data["test"].labels) / len(data["test"].labels)
-    matrix = confusion_matrix(data["test"].labels, test.predictions, len(classes))
-    print(f"test: accuracy {test.accuracy:.1%} (loss {test.loss:.4f}) on {len(data['test'].labels)} examples; "
-          f"majority-class baseline ('{classes[majority]}' always) {baseline:.1%}")
-    print(format_confusion(matrix, classes))
-
+    results = {**held_out_results(model, data["test"], train_data.labels, classes, pad_id, device),
+               "epochs": epochs, "counts": counts}
     if cfg.merge:
         merge_lora(model.gpt)
-    results = {"test_accuracy": test.accuracy, "test_loss": test.loss, "majority_baseline": baseline,
-               "majority_class": classes[majority], "classes": classes, "confusion_matrix": matrix,
-               "epochs": metrics.records, "counts": counts}
     meta = {"task": TASK, "model": base.model.config.to_dict(), "tokenizer": base.tokenizer_name,
             "classes": classes, "max_length": max_length, "base": base.source, "train_mode": mode,
             "lora": cfg.lora.to_dict() if cfg.lora is not None and not cfg.merge else None,

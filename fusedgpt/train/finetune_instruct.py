@@ -55,6 +55,7 @@ from fusedgpt.train import finetune
 from fusedgpt.train import finetune_data as fdata
 from fusedgpt.train.finetune_data import Instruction
 from fusedgpt.train.lora import apply_lora, has_lora, merge_lora
+from fusedgpt.train.runlog import RunLog
 
 Tensor = torch.Tensor
 TASK = "instruct"
@@ -217,6 +218,20 @@ def load_examples(args: argparse.Namespace, out: Path) -> tuple[dict[str, list[I
     return {"train": train, "val": val}, {"train": args.data, "val": f"{args.data} ({args.val_fraction:.0%} split off)"}
 
 
+def answer_held_out(model: GPT, tokenizer: Any, template: PromptTemplate, examples: Sequence[Instruction],
+                    max_new_tokens: int, out: Path) -> int:
+    """Answer ``examples`` greedily into ``OUT/responses.jsonl`` (each beside its reference
+    output); returns how many answers match their reference exactly."""
+    device = model.transformer.wte.weight.device
+    responses = respond(model, tokenizer, [template.format(e) for e in examples], max_new_tokens, device)
+    fdata.write_jsonl(out / "responses.jsonl", ({**e.to_dict(), "response": r} for e, r in zip(examples, responses)))
+    written.record_written(out, out / "responses.jsonl")
+    exact = sum(r.strip() == e.output.strip() for e, r in zip(examples, responses))
+    print(f"responses to {len(examples)} held-out instructions: {out / 'responses.jsonl'} "
+          f"(beside each reference 'output'); {exact} ({exact / max(len(examples), 1):.0%}) match it exactly")
+    return exact
+
+
 def run(args: argparse.Namespace) -> int:
     """``fusedgpt finetune-instruct``."""
     cfg = finetune.config_from_args(args)
@@ -230,7 +245,6 @@ def run(args: argparse.Namespace) -> int:
     base = finetune.base_from_args(args)
     model, tokenizer = base.model, base.tokenizer
     device = model.transformer.wte.weight.device
-    print(f"start: {base.source}; tokenizer {base.tokenizer_name}; backend={model.config.backend}; device {device}")
     data = {}
     for name, items in examples.items():
         data[name], truncated = encode_instructions(items, tokenizer, template, model.config.context_length)
@@ -248,7 +262,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name}: {len(data[name])} examples from {sources[name]}")
 
     pad_id = tokenizer.eot_token
-    metrics = finetune.MetricsLog(out / "metrics.jsonl")
 
     def batch_loss(indices: list[int]) -> tuple[Tensor, dict[str, float]]:
         inputs, targets = collate([data["train"][i] for i in indices], pad_id, args.mask_prompt)
@@ -256,30 +269,24 @@ def run(args: argparse.Namespace) -> int:
         kept = int((targets != IGNORE_INDEX).sum())
         return loss, {"loss": loss.item() * kept, "tokens": kept}
 
-    def end_epoch(epoch: int, sums: dict[str, float]) -> None:
+    def end_epoch(epoch: int, sums: dict[str, float], log: RunLog) -> dict[str, float]:
         val_loss = held_out_loss(model, data["val"], pad_id, args.mask_prompt, cfg.batch_size, device)
-        record = {"epoch": epoch, "train_loss": sums["loss"] / max(sums["tokens"], 1), "val_loss": val_loss}
-        metrics.add(record)
-        print(f"epoch {epoch}: train loss {record['train_loss']:.4f} (running, over the epoch) | "
-              f"held-out loss {val_loss:.4f}", flush=True)
+        train_loss = sums["loss"] / max(sums["tokens"], 1)
+        log.print(f"epoch {epoch}: train loss {train_loss:.4f} (running, over the epoch) | held-out loss {val_loss:.4f}")
+        return {"epoch_train_loss": train_loss, "val_loss": val_loss}
 
-    steps = finetune.train(model, cfg, len(data["train"]), batch_loss, end_epoch, device=device,
-                           progress=args.progress)
+    steps, epochs = finetune.train(model, cfg, len(data["train"]), batch_loss, end_epoch, device=device, out=out,
+                                   title="fusedgpt finetune-instruct", progress=args.progress)
 
     answered = examples["val"][: args.responses]
-    responses = respond(model, tokenizer, [template.format(e) for e in answered], args.max_new_tokens, device)
-    fdata.write_jsonl(out / "responses.jsonl", ({**e.to_dict(), "response": r} for e, r in zip(answered, responses)))
-    written.record_written(out, out / "responses.jsonl")
-    exact = sum(r.strip() == e.output.strip() for e, r in zip(answered, responses))
-    print(f"responses to {len(answered)} held-out instructions: {out / 'responses.jsonl'} "
-          f"(beside each reference 'output'); {exact} ({exact / max(len(answered), 1):.0%}) match it exactly")
+    exact = answer_held_out(model, tokenizer, template, answered, args.max_new_tokens, out)
 
     if cfg.merge:
         merge_lora(model)
     meta = {"task": TASK, "model": model.config.to_dict(), "tokenizer": base.tokenizer_name, "template": args.template,
             "mask_prompt": args.mask_prompt, "base": base.source,
             "lora": cfg.lora.to_dict() if cfg.lora is not None and not cfg.merge else None,
-            "finetune": cfg.to_dict(), "results": {"epochs": metrics.records, "exact_match": exact, "answered": len(answered)}}
+            "finetune": cfg.to_dict(), "results": {"epochs": epochs, "exact_match": exact, "answered": len(answered)}}
     path = finetune.save(out, steps, model, meta)
     print(f"saved the model to {path}")
     if not has_lora(model):

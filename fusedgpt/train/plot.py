@@ -106,9 +106,3 @@ def bar_chart(path: PathLike, labels: Sequence[str], values: Sequence[float], ti
     axes.grid(True, axis="y", which="both", alpha=0.3)
     figure.savefig(path)
 
-
-def plot_metrics(metrics: PathLike, path: PathLike) -> None:
-    """Plot a run's ``metrics.jsonl`` to a PNG at ``path`` (see :func:`run_figure`)."""
-    import json
-
-    plot_run([json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()], path)

@@ -79,8 +79,13 @@ def test_finetune_instruct_end_to_end_with_lora_merged(tmp_path, capsys):
     assert "warning: 1 of 8 train examples are longer than the context (128 + 1 tokens) and were truncated" in printed
     # 2 blocks x rank 4 x (in + out) of c_attn (128, 384), attn.c_proj (128, 128), c_fc (128, 512), mlp.c_proj (512, 128)
     assert re.search(r"LoRA rank=4 alpha=8 on attn,mlp; 16,384 trainable of [\d,]+ parameters", printed)
-    losses = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in losses] == [1, 2] and losses[1]["val_loss"] < losses[0]["val_loss"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if "val_loss" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2] and epochs[1]["val_loss"] < epochs[0]["val_loss"]
+    steps = [r for r in records if "train_loss" in r]  # 2 epochs of 2 batches of 4
+    assert [(r["step"], r["epoch"]) for r in steps] == [(1, 1), (2, 1), (3, 2), (4, 2)] and epochs[1]["step"] == 4
+    assert steps[0]["lr"] == pytest.approx(3e-3 / 4)  # warmup: min(10 steps, all 4)
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     responses = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
     assert [(r["input"], r["output"]) for r in responses] == [("line 8", "comedy"), ("line 9", "comedy")]
     assert all(isinstance(r["response"], str) for r in responses)

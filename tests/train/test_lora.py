@@ -64,7 +64,7 @@ def test_a_fresh_adapter_changes_nothing_and_merging_keeps_the_outputs():
     assert set(model.state_dict()) == set(tiny_gpt().state_dict())
 
 
-def test_a_step_changes_only_the_adapters_and_the_new_head():
+def test_a_step_changes_only_the_adapters_and_the_new_head(tmp_path):
     gpt = tiny_gpt()
     apply_lora(gpt, LoRAConfig(2, 4.0, ("attn",)))
     model = GPTClassifier(gpt, 3)
@@ -77,9 +77,9 @@ def test_a_step_changes_only_the_adapters_and_the_new_head():
         return loss, {}
 
     cfg = finetune.FinetuneConfig(epochs=1, batch_size=4, lr=1e-2, warmup_steps=0, weight_decay=0.1)
-    steps = finetune.train(model, cfg, 4, batch_loss, lambda epoch, sums: None, device=torch.device("cpu"),
-                           progress=False)
-    assert steps == 1
+    steps, epochs = finetune.train(model, cfg, 4, batch_loss, lambda epoch, sums, log: {}, device=torch.device("cpu"),
+                                   out=tmp_path, progress=False)
+    assert steps == 1 and epochs == [{"step": 1, "epoch": 1}]
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     expected = {n for n in before if "lora_" in n} | {"gpt.lm_head.weight", "gpt.lm_head.bias"}
     assert changed == expected

@@ -21,8 +21,6 @@ from fusedgpt.train.trainer import (
     Trainer,
     TrainingDiverged,
     config_from_args,
-    lr_at,
-    make_optimizer,
     resolve_config,
 )
 
@@ -178,17 +176,17 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(two_step_run, capsys
 
 
 def test_lr_warmup_then_cosine_to_min_lr():
-    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=20)
-    lrs = [lr_at(s, cfg) for s in range(20)]
+    schedule = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=20).optimization()
+    lrs = [schedule.lr_at(s) for s in range(20)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
-    assert math.isclose(lr_at(12, cfg), 0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
-    assert math.isclose(lr_at(20, cfg), 0.1)
+    assert math.isclose(schedule.lr_at(12), 0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+    assert math.isclose(schedule.lr_at(20), 0.1)
 
 
 def test_weight_decay_on_matrices_only():
     model = GPT(GPTConfig.from_preset("tiny", vocab_size=50, n_embd=16, n_head=2, backend="torch"))
-    decay, no_decay = make_optimizer(model, TrainConfig(weight_decay=0.2), torch.device("cpu")).param_groups
+    decay, no_decay = TrainConfig(weight_decay=0.2).optimization().optimizer(model, torch.device("cpu")).param_groups
     assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
     assert {p.dim() for p in decay["params"]} == {2} and {p.dim() for p in no_decay["params"]} == {1}
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
