@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -37,17 +36,14 @@ from fusedgpt.kernels.backend import BACKENDS
 from fusedgpt.model.config import PRESETS, GPTConfig, rename_legacy_backend
 from fusedgpt.model.gpt import GPT
 from fusedgpt.io import checkpoint as ckpt
-from fusedgpt.io import jsonl
 from fusedgpt.io.runlock import RunLock
 from fusedgpt.train import data as data_mod
 from fusedgpt.train import distributed
+from fusedgpt.train.optim import Optimization
+from fusedgpt.train.runlog import RunLog
 
-METRICS_FILE = "metrics.jsonl"
 # Seeds feed numpy's and torch's generators, which take non-negative integers of bounded size.
 MAX_SEED = 2**32
-# Rates are applied to float32 weights: a larger one is infinite there.
-MAX_RATE = float(torch.finfo(torch.float32).max)
-PLOT_FILE = "loss.png"
 
 
 @dataclasses.dataclass
@@ -119,16 +115,15 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if self.context_length is not None and (not isinstance(self.context_length, int) or self.context_length < 1):
             raise ValueError(f"context_length must be a positive integer, got {self.context_length!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < MAX_SEED:
-            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
-        if not 0 < self.lr <= MAX_RATE or (self.min_lr is not None and not 0 <= self.min_lr <= self.lr):
-            raise ValueError(f"need 0 < lr <= {MAX_RATE:.3g} (the optimizer applies it in float32) and "
-                             f"0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
-        if not 0 <= self.grad_clip <= math.inf or not 0 <= self.weight_decay <= MAX_RATE:
-            raise ValueError(f"grad_clip and weight_decay must be non-negative numbers, got grad_clip={self.grad_clip}, "
-                             f"weight_decay={self.weight_decay}")
+        check_seed(self.seed)
+        self.optimization()  # checks the rates now, not after loading the data and the model
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    def optimization(self) -> Optimization:
+        """This run's optimizer, learning-rate schedule and clipping."""
+        return Optimization(lr=self.lr, max_steps=self.max_steps, warmup_steps=self.warmup_steps, min_lr=self.min_lr,
+                            weight_decay=self.weight_decay, beta1=self.beta1, beta2=self.beta2, grad_clip=self.grad_clip)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "configuration") -> "TrainConfig":
@@ -142,26 +137,10 @@ class TrainConfig:
         return cls(**values)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """The learning rate of optimizer step ``step`` (0-based): linear warmup to ``lr`` over
-    ``warmup_steps`` steps, then a cosine to ``min_lr`` at ``max_steps``."""
-    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
-
-
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (dim >= 2: linear weights, embeddings) only --
-    biases and LayerNorm gains keep their scale -- fused on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
+def check_seed(seed: Any) -> None:
+    """Raises ValueError unless ``seed`` is an int in [0, 2**32)."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
 
 
 def flops_per_token(model: GPT, context_length: int) -> float:
@@ -314,7 +293,8 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
             self.train_model = self.ddp
-        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.optimization = cfg.optimization()
+        self.optimizer = self.optimization.optimizer(self.model, self.device)
         self.step = 0
         if self.resume_from is not None:
             from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
@@ -383,7 +363,7 @@ class Trainer:
                 not updated.
         """
         cfg = self.cfg
-        lr = lr_at(step, cfg)
+        lr = self.optimization.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
@@ -403,7 +383,7 @@ class Trainer:
         mean_loss = total.item() / self.dist.world_size
         if not math.isfinite(mean_loss):
             self._diverged(f"non-finite training loss ({mean_loss}) at step {step + 1}")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        norm = self.optimization.clip(self.model.parameters())
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
             norm = norm.full_tensor()
         # A finite loss can still have a NaN/infinite gradient (an overflow in backward):
@@ -492,18 +472,6 @@ class Trainer:
         flag = torch.tensor([float(local)], device=self.device)
         return distributed.all_reduce_sum(flag).item() == self.dist.world_size
 
-    def _open_metrics(self):
-        """``OUT/metrics.jsonl`` for appending; on resume, records after the resumed step
-        (from a run that went on past its last checkpoint) are dropped first."""
-        path = self.out / METRICS_FILE
-        if self.resume_from is not None and path.exists():
-            # read_records drops a line torn by a full disk or a kill, with a warning naming the file.
-            kept = [r for r in jsonl.read_records(path) if isinstance(r.get("step"), int) and r["step"] <= self.step]
-            jsonl.rewrite(path, kept)
-        elif self.resume_from is None:
-            path.unlink(missing_ok=True)
-        return open(path, "a")
-
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> RunResult:
@@ -511,96 +479,82 @@ class Trainer:
         a fresh run and at the end), checkpointing every ``save_every`` steps, at the end
         and on Ctrl-C. Only rank 0 writes files and prints."""
         cfg = self.cfg
-        main = self.dist.is_main
         self.out.mkdir(parents=True, exist_ok=True)
-        metrics = self._open_metrics() if main else None
-        tensorboard = _tensorboard_writer(self.out) if main else None
-        train_losses: list[float] = []
-        val_losses: dict[int, float] = {}
-
-        def log(record: dict) -> None:
-            if metrics is not None:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-            if tensorboard is not None:
-                for key, value in record.items():
-                    if isinstance(value, (int, float)) and key != "step":
-                        tensorboard.add_scalar(key, value, record["step"])
-
-        def evaluate(label: str) -> None:
-            loss = self.evaluate()
-            val_losses[self.step] = loss
-            # Sharded weights need every rank in each forward, so under FSDP all ranks sample.
-            text = self.sample() if cfg.sample_tokens and (main or cfg.fsdp) else ""
-            log({"step": self.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "sample": text})
-            if main:
-                _write(bar, f"step {self.step}: {label + ' ' if label else ''}validation loss {loss:.4f} (perplexity {math.exp(min(loss, 50.0)):.1f})")
-                if text:
-                    _write(bar, "sample: " + text.replace("\n", "\n        "))
-
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True,
-                   disable=not (main and cfg.progress))
-        if main:
-            params = self.model.num_parameters()
-            _write(bar, f"model: {params / 1e6:.2f} M parameters ({self.model.config.n_layer} layers, "
-                        f"width {self.model.config.n_embd}, context {self.context_length}, backend={self.model.config.backend}); "
-                        f"{self.tokens_per_step:,} tokens per step on {self.dist.world_size} x {self.device.type}"
-                        f"{' (FSDP)' if cfg.fsdp else ' (DDP)' if self.ddp else ''}; "
-                        f"out: {self.out}" + (f"; resuming at step {self.step}" if self.resume_from else ""))
-        status = "done"
+        result = RunResult(self.step, "done", [], {}, self.last_checkpoint)
         stop = _StopRequest()
+        log = RunLog(self.out, total_steps=cfg.max_steps, initial_step=self.step, title=f"fusedgpt train: {cfg.preset}",
+                     resumed_at=self.step if self.resume_from is not None else None, progress=cfg.progress,
+                     enabled=self.dist.is_main)
         try:
-            with stop.installed():
+            with log, stop.installed():
+                log.print(self._describe())
                 if self.resume_from is None:
-                    evaluate("initial")
-                window_start, window_tokens = time.perf_counter(), 0
+                    self._evaluate_and_log(log, result, "initial")
+                self._window_start, self._window_tokens = time.perf_counter(), 0
                 while self.step < cfg.max_steps:
                     loss, norm = self.train_step(self.step)
                     self.step += 1
-                    train_losses.append(loss)
-                    window_tokens += self.tokens_per_step
-                    if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                        elapsed = time.perf_counter() - window_start
-                        record = {"step": self.step, "train_loss": loss, "lr": lr_at(self.step - 1, cfg),
-                                  "grad_norm": norm, "tokens": self.step * self.tokens_per_step,
-                                  "tokens_per_s": window_tokens / elapsed}
-                        postfix = {"loss": f"{loss:.3f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
-                        if self.peak_flops:
-                            record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (self.peak_flops * self.dist.world_size)
-                            postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
-                        log(record)
-                        bar.set_postfix(postfix, refresh=False)
-                        window_start, window_tokens = time.perf_counter(), 0
-                    bar.update(1)
+                    result.train_losses.append(loss)
+                    self._log_step(log, loss, norm)
                     if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
-                        evaluate("final" if self.step == cfg.max_steps else "")
+                        self._evaluate_and_log(log, result, "final" if self.step == cfg.max_steps else "")
                     if self.step == cfg.max_steps or (cfg.save_every and self.step % cfg.save_every == 0):
                         self.save()
                     if self._stop_requested(stop):
                         if self.last_checkpoint is None or self.last_checkpoint.name != ckpt.checkpoint_name(self.step):
                             self.save()
-                        status = "interrupted"
+                        result.status = "interrupted"
                         break
         finally:
-            bar.close()
-            if metrics is not None:
-                metrics.close()
-                from fusedgpt.train.plot import plot_metrics
-
-                plot_metrics(self.out / METRICS_FILE, self.out / PLOT_FILE)
-            if tensorboard is not None:
-                tensorboard.close()
             if self.lock is not None:
                 self.lock.release()
-        if main:
-            if val_losses:
-                last = max(val_losses)
-                print(f"validation loss {val_losses[last]:.4f} at step {last}")
-            print(f"{status} at step {self.step}; checkpoint {self.last_checkpoint}; "
-                  f"metrics {self.out / METRICS_FILE}; plot {self.out / PLOT_FILE}")
-        return RunResult(self.step, status, train_losses, val_losses, self.last_checkpoint)
+        result.step, result.checkpoint = self.step, self.last_checkpoint
+        if self.dist.is_main:
+            if result.val_losses:
+                last = max(result.val_losses)
+                print(f"validation loss {result.val_losses[last]:.4f} at step {last}")
+            print(f"{result.status} at step {self.step}; checkpoint {self.last_checkpoint}; "
+                  f"metrics {log.metrics_path}; plot {log.plot_path}")
+        return result
+
+    def _describe(self) -> str:
+        config = self.model.config
+        return (f"model: {self.model.num_parameters() / 1e6:.2f} M parameters ({config.n_layer} layers, "
+                f"width {config.n_embd}, context {self.context_length}, backend={config.backend}); "
+                f"{self.tokens_per_step:,} tokens per step on {self.dist.world_size} x {self.device.type}"
+                f"{' (FSDP)' if self.cfg.fsdp else ' (DDP)' if self.ddp else ''}; "
+                f"out: {self.out}" + (f"; resuming at step {self.step}" if self.resume_from else ""))
+
+    def _log_step(self, log: RunLog, loss: float, norm: float) -> None:
+        """Count the step just taken; every ``log_every`` steps and at the last, record it
+        with the throughput since the previous record."""
+        cfg = self.cfg
+        self._window_tokens += self.tokens_per_step
+        if self.step % cfg.log_every and self.step != cfg.max_steps:
+            log.advance()
+            return
+        elapsed = time.perf_counter() - self._window_start
+        record = {"step": self.step, "train_loss": loss, "lr": self.optimization.lr_at(self.step - 1),
+                  "grad_norm": norm, "tokens": self.step * self.tokens_per_step,
+                  "tokens_per_s": self._window_tokens / elapsed}
+        figures = {"loss": f"{loss:.3f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
+        if self.peak_flops:
+            record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (self.peak_flops * self.dist.world_size)
+            figures["mfu"] = f"{100 * record['mfu']:.1f}%"
+        log.log(record)
+        log.advance(**figures)
+        self._window_start, self._window_tokens = time.perf_counter(), 0
+
+    def _evaluate_and_log(self, log: RunLog, result: RunResult, label: str) -> None:
+        loss = self.evaluate()
+        result.val_losses[self.step] = loss
+        # Sharded weights need every rank in each forward, so under FSDP all ranks sample.
+        text = self.sample() if self.cfg.sample_tokens and (self.dist.is_main or self.cfg.fsdp) else ""
+        perplexity = math.exp(min(loss, 50.0))
+        log.log({"step": self.step, "val_loss": loss, "val_ppl": perplexity, "sample": text})
+        log.print(f"step {self.step}: {label + ' ' if label else ''}validation loss {loss:.4f} (perplexity {perplexity:.1f})")
+        if text:
+            log.print("sample: " + text.replace("\n", "\n        "))
 
     def _stop_requested(self, stop: _StopRequest) -> bool:
         """Whether any rank was asked to stop (every rank must leave at the same step)."""
@@ -608,23 +562,6 @@ class Trainer:
             return stop.requested
         flag = torch.tensor([float(stop.requested)], device=self.device)
         return distributed.all_reduce_sum(flag).item() > 0
-
-
-def _write(bar, text: str) -> None:
-    """Print above the progress bar (or plainly when it is disabled)."""
-    if bar.disable:
-        print(text, flush=True)
-    else:
-        bar.write(text)
-
-
-def _tensorboard_writer(out: Path):
-    """A TensorBoard writer into ``OUT/tensorboard`` when TensorBoard is installed."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
 
 
 # ---------------------------------------------------------------------------------------
