@@ -13,15 +13,24 @@ ignored, and is 0 (with zero gradient) when every row is ignored.
 The logsumexp takes one pass over the row in BLOCK_V-wide blocks ("online softmax"), all
 in fp32: a running maximum ``m`` (one scalar per row, raised once per block) and per-lane
 partial sums ``D`` of ``exp(x_j - m)`` over the classes other than the target, rescaled by
-``exp(m_old - m_new)`` when the maximum grows; the lanes are summed once at the end. One
-exponential per logit and one cross-lane reduction per block. Then
+``exp(m_old - m_new)`` when the maximum grows; the lanes are summed once at the end. The
+exponentials are taken as ``exp2(x log2(e) - m log2(e))``: one FFMA and one MUFU.EX2 per
+logit (``exp`` would add a subnormal range fix-up around each). With ``u = x_t log2(e) -
+m log2(e)`` against that very shift,
 
-    nll = lse - x_t = (m - x_t) + log1p((exp(x_t - m) - 1) + D)
+    nll = lse - x_t = -u ln2 + log1p(expm1(u ln2) + D)
 
-which never subtracts two large rounded numbers: a confident row (p_t near 1) has
-x_t = m and a small D, and its small loss keeps its digits.
+which never subtracts two large rounded numbers: a confident row (p_t near 1) has u near
+0 and a small D, and its small loss keeps its digits (an error in u cancels between the two
+terms to first order).
 
-Backward, with ``p_j = exp((x_j - x_t) - nll)`` recomputed from the logits:
+Layout: each row is split into a head of up to 16 bytes before the first 16-byte boundary,
+a body of whole BLOCK_V blocks from there, and the tail. The body is read (and the gradient
+written) unmasked, 128 bits at a time, whatever the row stride (GPT-2's 50257 included);
+the head and tail together take one masked block (two where they pass BLOCK_V). The body
+block holding the target is visited first, so only it pays for excluding the target.
+
+Backward, with ``p_j = exp(x_j - lse)`` recomputed from the logits:
 
     dloss/dx_j = p_j (1 + 2 z lse) - s / V - (1 - s) [j == t]
 
@@ -31,9 +40,17 @@ true class uses ``p_t - 1 = expm1(-nll)``: as a difference of numbers near 1 it 
 its digits (all of them in a half-precision softmax, which rounds ``p_t`` to 1, and most
 of them even in fp32).
 
-Saved for backward: the logits (the caller's tensor, not a copy), the targets and the
-fp32 logsumexp of each row, kept as ``nll = lse - x_t`` (an fp32 ``lse`` of 20 has no
-digits left for a 1e-6 difference from ``x_t``): 4 bytes per row, never probabilities.
+Saved for backward: the logits (the caller's tensor, not a copy), the targets and one fp32
+per row, ``r = lse - c`` with ``c`` the target's logit (so ``r`` is the nll: an fp32
+``lse`` of 20 has no digits left for a 1e-6 difference from ``x_t``), or ``c = 0`` where
+that logit is -inf (the nll is then infinite, the logsumexp is not): 4 bytes per row,
+never probabilities.
+
+Non-finite logits behave as in ``F.cross_entropy``: a row with no finite logsumexp (a NaN
+or a +inf logit, or only -inf) has a NaN loss and an all-NaN gradient; -inf logits are
+classes of probability 0, and a -inf target logit gives an infinite loss with the finite
+gradient softmax - onehot. One difference: ignored rows are never read, so their gradient
+is 0 whatever they hold (torch's is 0 * NaN = NaN for a NaN there).
 
 IO per row: the forward reads the logits once and writes two floats; the backward reads
 them once more and writes the gradient. Rows whose target is ignored are not read at all.
@@ -45,7 +62,7 @@ is neither ``ignore_index`` nor in [0, V) is never used as an address (its loads
 masked off): the kernel gives that row a NaN loss and NaN gradient instead. The public
 functions reject such targets with a ValueError first, unless called with
 ``validate=False`` (the check is one device-to-host synchronisation, which CUDA-graph
-capture cannot have). A target whose logit is -inf has an infinite loss and a NaN gradient.
+capture cannot have).
 """
 
 from __future__ import annotations
@@ -71,10 +88,17 @@ Tensor = torch.Tensor
 
 SMALL_VOCAB_BLOCK = 1024
 LARGE_VOCAB_BLOCK = 4096
+# Registers per thread that every build stays within (the compile report checks it): with
+# 16 warps of 4096-wide blocks, two rows are resident per SM.
+REGISTER_BUDGET = 64
 REDUCTIONS = ("mean", "sum", "none")
 
 
 # --------------------------------------------------------------------------- kernel
+
+# exp(x) = exp2(x log2 e): the kernels call exp2, which compiles to a bare MUFU.EX2.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -95,19 +119,86 @@ def _expm1(x):
 
 
 @triton.jit
+def _row_split(row_start, V, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr):
+    """How a row's V columns are visited: ``head`` columns up to the first ALIGN-element
+    (16-byte) boundary, then ``body`` columns in whole BLOCK_V blocks starting there (loaded
+    unmasked, 128 bits at a time), then the ``rest`` = the head and the tail past the body,
+    in masked blocks. Returns (head, body, rest)."""
+    head = tl.minimum((ALIGN - row_start % ALIGN) % ALIGN, V).to(tl.int32)
+    body = (V - head) // BLOCK_V * BLOCK_V
+    return head, body, V - body
+
+
+@triton.jit
+def _rest_columns(k, head, body):
+    """Column of the k-th column outside the body: the head first, then the tail."""
+    return tl.where(k < head, k, k + body)
+
+
+@triton.jit
+def _target_block(target_col, head, blocks, BLOCK_V: tl.constexpr):
+    """Index of the body block that holds the target's column, 0 when none does."""
+    index = (target_col - head) // BLOCK_V
+    return tl.where((target_col >= head) & (index < blocks), index, 0)
+
+
+@triton.jit
+def _wrap(start, body):
+    """``start`` modulo ``body`` for 0 <= start < 2 body (cheaper than an integer %)."""
+    return tl.where(start >= body, start - body, start)
+
+
+@triton.jit
+def _accumulate(x, x_in_row, is_target, HOLDS_TARGET: tl.constexpr, m, others, x_sum, label_smoothing):
+    """Adds one block of fp32 logits ``x`` (-inf where masked; ``x_in_row`` 0 there) to the
+    running maximum ``m``, the per-lane sums ``others`` of exp(x_j - m) over j != target,
+    and, with label smoothing, the sum of the logits. ``is_target`` marks the target's
+    column in a block that may hold it (HOLDS_TARGET)."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    # In log2 units: one FFMA and one MUFU.EX2 per logit. While every logit so far is
+    # -inf, shift by 0 so that the sums stay 0 rather than nan.
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new * LOG2E)
+    e = tl.exp2(x * LOG2E - shift)
+    if HOLDS_TARGET:
+        e = tl.where(is_target, 0.0, e)
+    others = others * tl.exp2(m * LOG2E - shift) + e
+    if label_smoothing > 0:  # a second reduction only where smoothing needs it
+        x_sum += tl.sum(x_in_row, axis=0)
+    return m_new, others, x_sum
+
+
+@triton.jit
+def _gradient(x, is_target, HOLDS_TARGET: tl.constexpr, lse2, prob_scale, uniform_scale, grad_target):
+    """dloss/dx for one block: p_j f - s/V (times the row's scale), with p_j = exp2(x_j log2 e - lse log2 e);
+    the target's own value where the block holds it."""
+    grad = tl.exp2(x * LOG2E - lse2) * prob_scale - uniform_scale
+    if HOLDS_TARGET:
+        grad = tl.where(is_target, grad_target, grad)
+    return grad
+
+
+@triton.jit
 def _cross_entropy_kernel(
     X, DX, TARGET, LOSS, NLL, GRAD,
-    stride_x, stride_dx, stride_grad,
+    stride, stride_grad,
     V, ignore_index, label_smoothing, z_loss,
     BLOCK_V: tl.constexpr,
+    ALIGN: tl.constexpr,
     FORWARD: tl.constexpr,
     BACKWARD: tl.constexpr,
 ):
-    """One program per row. FORWARD: the loss and the nll from the logits. BACKWARD: the
-    gradient into DX (which may be X itself), from the nll (this launch's, or a saved one)
-    and the row's incoming gradient GRAD[row * stride_grad] (stride 0: one for all rows)."""
+    """One program per row; X and DX (which may be X itself) have rows ``stride`` apart.
+    FORWARD: the loss and the saved ``lse - c`` from the logits. BACKWARD: the gradient into DX, from
+    ``lse - c`` (this launch's, or a saved one) and the row's incoming gradient
+    GRAD[row * stride_grad] (stride 0: one for all rows)."""
     row = tl.program_id(0).to(tl.int64)
-    x_row = X + row * stride_x
+    row_start = row * stride
+    x_row = X + row_start
+    dx_row = DX + row_start
+    head, body, rest = _row_split(row_start, V, BLOCK_V, ALIGN)
+    # The body's first element is 16-byte aligned (when X is, as the JIT checks).
+    x_body = X + tl.multiple_of(row_start + head, ALIGN)
+    dx_body = DX + tl.multiple_of(row_start + head, ALIGN)
     offsets = tl.arange(0, BLOCK_V)
     target = tl.load(TARGET + row)
     kept = target != ignore_index
@@ -116,54 +207,90 @@ def _cross_entropy_kernel(
     x_target = tl.load(x_row + target, mask=usable, other=0.0).to(tl.float32)
     # The target as a column index; -1 (no column) where it is not a usable class.
     target_col = tl.where(usable, target, -1).to(tl.int32)
+    # The reference point c of the saved r = lse - c: the target's logit, or 0 where it is
+    # -inf (the nll is then infinite, but the logsumexp that the gradient needs is not).
+    target_infinite = x_target == float("-inf")
+    ref = tl.where(target_infinite, 0.0, x_target)
     if FORWARD:
         m = tl.full((), float("-inf"), tl.float32)
         others = tl.zeros((BLOCK_V,), tl.float32)  # per lane: sum over j != t of exp(x_j - m)
         x_sum = tl.zeros((), tl.float32)
-        # Ignored and bad rows run the loop zero times: their logits are never read.
-        for start in range(0, tl.where(usable, V, 0), BLOCK_V):
-            cols = start + offsets
-            x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            # While every logit so far is -inf, shift by 0 so the sums stay 0 rather than nan.
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            others = others * tl.exp(m - shift) + tl.where(cols == target_col, 0.0, tl.exp(x - shift))
-            m = m_new
-            if label_smoothing > 0:  # a second reduction only where smoothing needs it
-                x_sum += tl.sum(tl.where(cols < V, x, 0.0), axis=0)
-        # Skipped rows (m = -inf) take m = 0: their discarded values stay finite.
-        m = tl.where(usable, m, 0.0)
-        # sum_j exp(x_j - m) = e_t + D. A confident row has x_t = m, e_t = 1 and a small D:
-        # log1p keeps the digits of its small nll that log(1 + D) would round away.
-        e_target_minus_1 = tl.exp(x_target - m) - 1.0
-        rest = tl.sum(others, axis=0)
-        nll = tl.where(usable, (m - x_target) + _log1p(e_target_minus_1 + rest), 0.0)
-        lse = x_target + nll
+        # Ignored and bad rows visit no block: their logits are never read. The body's block
+        # holding the target goes first, so that the others pay no compare and select.
+        blocks = tl.where(usable, body // BLOCK_V, 0)
+        first = _target_block(target_col, head, blocks, BLOCK_V)
+        if blocks > 0:
+            start = first * BLOCK_V
+            x = tl.load(x_body + start + offsets).to(tl.float32)
+            is_target = head + start + offsets == target_col
+            m, others, x_sum = _accumulate(x, x, is_target, True, m, others, x_sum, label_smoothing)
+        for i in range(1, blocks):
+            start = tl.multiple_of(_wrap((first + i) * BLOCK_V, body), BLOCK_V)
+            x = tl.load(x_body + start + offsets).to(tl.float32)
+            m, others, x_sum = _accumulate(x, x, None, False, m, others, x_sum, label_smoothing)
+        # The head and the tail: one masked block, two where together they pass BLOCK_V.
+        for part in tl.static_range(2):
+            if usable & (part * BLOCK_V < rest):
+                k = part * BLOCK_V + offsets
+                cols = _rest_columns(k, head, body)
+                x = tl.load(x_row + cols, mask=k < rest, other=float("-inf")).to(tl.float32)
+                m, others, x_sum = _accumulate(x, tl.where(k < rest, x, 0.0), cols == target_col, True, m, others,
+                                               x_sum, label_smoothing)
+        shift = tl.where(m == float("-inf"), 0.0, m * LOG2E)
+        # exp(x_t - m') = exp2(u) against the very shift m' the sums used, and
+        # sum_j exp(x_j - m') = exp2(u) + D. A confident row has u near 0 and a small D:
+        # r = nll = -u ln 2 + log1p(expm1(u ln 2) + D) keeps the digits of its small nll
+        # (an error in u cancels between the two terms to first order).
+        u = x_target * LOG2E - shift
+        log_sum = _log1p(_expm1(u * LN2) + tl.sum(others, axis=0))
+        r = tl.where(target_infinite, shift * LN2, -u * LN2) + log_sum
+        lse = ref + r
+        # NaN or +inf anywhere in the row, or only -inf, leave no finite logsumexp: the row's
+        # loss and gradient are NaN, as torch's log_softmax gives.
+        finite = tl.abs(lse) < float("inf")
+        r = tl.where(usable, tl.where(finite, r, float("nan")), 0.0)
+        nll = tl.where(target_infinite, float("inf"), r)
         smoothed = lse - x_sum / V  # multiplied by s = 0 when unused
         loss = (1.0 - label_smoothing) * nll + label_smoothing * smoothed + z_loss * lse * lse
-        loss = tl.where(usable, loss, 0.0)
+        loss = tl.where(usable, tl.where(finite, loss, float("nan")), 0.0)
         tl.store(LOSS + row, tl.where(bad, float("nan"), loss))
-        tl.store(NLL + row, nll)
+        tl.store(NLL + row, r)
     else:
-        nll = tl.load(NLL + row)
+        r = tl.load(NLL + row)
     if BACKWARD:
+        # Unusable rows are not read (their r is 0): the scale makes them 0, or NaN when bad.
         scale = tl.load(GRAD + row * stride_grad).to(tl.float32)
         scale = tl.where(bad, float("nan"), tl.where(kept, scale, 0.0))
-        lse = x_target + nll
+        lse = ref + r
+        nll = tl.where(target_infinite, float("inf"), r)
         prob_factor = 1.0 + 2.0 * z_loss * lse
         uniform = label_smoothing / V
         # p_t f - s/V - (1 - s) = -(1 - p_t) f + (f - 1) + s (1 - 1/V), with 1 - p_t =
         # -expm1(-nll): no difference of numbers near 1 where p_t is near 1.
-        grad_target = _expm1(-nll) * prob_factor + 2.0 * z_loss * lse + (label_smoothing - uniform)
-        dx_row = DX + row * stride_dx
-        for start in range(0, V, BLOCK_V):
-            cols = start + offsets
-            in_row = cols < V
-            # Unusable rows read nothing: exp(0) stays finite, then scale makes it 0 (or nan).
-            x = tl.load(x_row + cols, mask=in_row & usable, other=0.0).to(tl.float32)
-            grad = tl.exp((x - x_target) - nll) * prob_factor - uniform
-            grad = tl.where(cols == target_col, grad_target, grad) * scale
-            tl.store(dx_row + cols, grad.to(DX.dtype.element_ty), mask=in_row)
+        grad_target = (_expm1(-nll) * prob_factor + 2.0 * z_loss * lse + (label_smoothing - uniform)) * scale
+        lse2 = lse * LOG2E
+        prob_scale = prob_factor * scale
+        uniform_scale = uniform * scale
+        blocks = body // BLOCK_V
+        first = _target_block(target_col, head, blocks, BLOCK_V)
+        if blocks > 0:
+            start = first * BLOCK_V
+            x = tl.load(x_body + start + offsets, mask=usable, other=0.0).to(tl.float32)
+            grad = _gradient(x, head + start + offsets == target_col, True, lse2, prob_scale, uniform_scale,
+                             grad_target)
+            tl.store(dx_body + start + offsets, grad.to(DX.dtype.element_ty))
+        for i in range(1, blocks):
+            start = tl.multiple_of(_wrap((first + i) * BLOCK_V, body), BLOCK_V)
+            x = tl.load(x_body + start + offsets, mask=usable, other=0.0).to(tl.float32)
+            grad = _gradient(x, None, False, lse2, prob_scale, uniform_scale, grad_target)
+            tl.store(dx_body + start + offsets, grad.to(DX.dtype.element_ty))
+        for part in tl.static_range(2):
+            if part * BLOCK_V < rest:
+                k = part * BLOCK_V + offsets
+                cols = _rest_columns(k, head, body)
+                x = tl.load(x_row + cols, mask=(k < rest) & usable, other=0.0).to(tl.float32)
+                grad = _gradient(x, cols == target_col, True, lse2, prob_scale, uniform_scale, grad_target)
+                tl.store(dx_row + cols, grad.to(DX.dtype.element_ty), mask=k < rest)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -173,12 +300,25 @@ def block_config(v: int) -> tuple[int, int]:
     """``(BLOCK_V, num_warps)`` for rows of ``v`` logits: 1024-wide blocks for a small
     vocabulary (masked past ``v``), 4096-wide ones looped over a large one.
 
-    Eight logits per thread keep every mode under 64 registers without spills, so two
-    rows are in flight per SM at 4096 (see the compile report); 16 per thread would about
-    double the registers and halve the rows in flight.
+    Eight logits per thread keep every mode within ``REGISTER_BUDGET`` (64) registers
+    without spills, so two rows are in flight per SM at 4096 (see the compile report). 16
+    per thread would cut the per-block reduction's share of the main loop (about 0.25
+    instead of 0.33 warp instructions per logit forward), but needs 80 to 112 registers:
+    fewer rows in flight for a loop that is memory-bound either way.
     """
     block_v = SMALL_VOCAB_BLOCK if v <= SMALL_VOCAB_BLOCK else LARGE_VOCAB_BLOCK
     return block_v, block_v // 256
+
+
+def rows_per_wave(device: torch.device, v: int) -> int:
+    """Rows of ``v`` logits the kernel runs at once on ``device`` (one program per row): SMs
+    x programs resident per SM, as the warps and ``REGISTER_BUDGET`` allow (65536 registers
+    and 64 warps per SM on sm_80 and sm_90); 1 off CUDA."""
+    if device.type != "cuda":
+        return 1
+    _, num_warps = block_config(v)
+    per_sm = min(64 // num_warps, 65536 // (REGISTER_BUDGET * 32 * num_warps))
+    return torch.cuda.get_device_properties(device).multi_processor_count * max(1, per_sm)
 
 
 def launch_configs() -> list[tuple[int, int]]:
@@ -196,22 +336,30 @@ def _launch(logits: Tensor, target: Tensor, nll: Optional[Tensor], grad: Optiona
         nll = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n == 0:
         return loss, nll
+    if backward and n > 1 and grad.stride(0) != logits.stride(0):
+        raise ValueError("cross_entropy: the gradient must be laid out like the logits (the same row stride)")
     block_v, num_warps = block_config(v)
     # Outputs a mode does not write are never touched (constexpr flags); any tensor stands in.
     _cross_entropy_kernel[(n,)](
         logits, grad if backward else logits, target, loss if forward else nll, nll,
         grad_scale if backward else nll,
-        logits.stride(0), grad.stride(0) if backward else 0,
-        grad_scale.stride(0) if backward and grad_scale.dim() else 0,
+        logits.stride(0), grad_scale.stride(0) if backward and grad_scale.dim() else 0,
         v, ignore_index, label_smoothing, z_loss,
-        BLOCK_V=block_v, FORWARD=forward, BACKWARD=backward, num_warps=num_warps,
+        BLOCK_V=block_v, ALIGN=16 // logits.element_size(), FORWARD=forward, BACKWARD=backward,
+        num_warps=num_warps,
     )
     return loss, nll
 
 
+def _empty_rows_like(logits: Tensor) -> Tensor:
+    """An uninitialised tensor with the row layout of ``logits`` (N, V): the kernel reads
+    and writes the rows of both through one row stride."""
+    return torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device)
+
+
 def cross_entropy_forward(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float,
                           z_loss: float) -> tuple[Tensor, Tensor]:
-    """Per-row ``loss`` and ``nll = lse - x_target`` (fp32, (N,); 0 for ignored rows) for
+    """Per-row ``loss`` and the saved ``r = lse - c`` (fp32, (N,); 0 for ignored rows) for
     logits (N, V) with unit column stride and contiguous int64 targets (N,)."""
     return _launch(logits, target, None, None, None, ignore_index, label_smoothing, z_loss)
 
@@ -219,16 +367,17 @@ def cross_entropy_forward(logits: Tensor, target: Tensor, ignore_index: int, lab
 def cross_entropy_backward(logits: Tensor, target: Tensor, nll: Tensor, grad_scale: Tensor, ignore_index: int,
                            label_smoothing: float, z_loss: float, out: Optional[Tensor] = None) -> Tensor:
     """The gradient of ``sum_i grad_scale_i * loss_i`` with respect to the logits (N, V), in
-    their dtype, from the forward's ``nll``; written to ``out`` (which may be ``logits``
-    itself: in place) or a new tensor. ``grad_scale``: fp32, 0-dim (all rows alike) or (N,)."""
-    grad = torch.empty_like(logits) if out is None else out
+    their dtype and row layout, from the forward's saved ``r``; written to ``out`` (laid out
+    like ``logits``, or ``logits`` itself: in place) or a new tensor. ``grad_scale``: fp32,
+    0-dim (all rows alike) or (N,)."""
+    grad = _empty_rows_like(logits) if out is None else out
     _launch(logits, target, nll, grad, grad_scale, ignore_index, label_smoothing, z_loss)
     return grad
 
 
 def cross_entropy_forward_backward_(logits: Tensor, target: Tensor, grad_scale: Tensor, ignore_index: int,
                                     label_smoothing: float, z_loss: float) -> tuple[Tensor, Tensor]:
-    """Both in one launch: returns per-row ``loss`` and ``nll`` and OVERWRITES ``logits`` with
+    """Both in one launch: returns per-row ``loss`` and ``r`` and OVERWRITES ``logits`` with
     the gradient of ``sum_i grad_scale_i * loss_i``; each row is read twice, written once."""
     return _launch(logits, target, None, logits, grad_scale, ignore_index, label_smoothing, z_loss)
 
@@ -275,7 +424,7 @@ def _cross_entropy_bwd_op(logits: Tensor, target: Tensor, nll: Tensor, grad_scal
 
 @_cross_entropy_bwd_op.register_fake
 def _(logits, target, nll, grad_scale, ignore_index, label_smoothing, z_loss):
-    return torch.empty_like(logits)
+    return _empty_rows_like(logits)
 
 
 # ------------------------------------------------------- shared by the two loss ops
@@ -336,6 +485,8 @@ class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, ignore_index, reduction, label_smoothing, z_loss):
         rows = as_rows(logits)
+        if rows.shape[0] > 1 and rows.stride(0) < rows.shape[1]:
+            rows = rows.contiguous()  # overlapping rows (an expanded view): the gradient needs its own
         flat_target = target.reshape(-1).contiguous()
         loss, nll = torch.ops.fusedgpt.cross_entropy_fwd(rows, flat_target, ignore_index, label_smoothing, z_loss)
         ctx.save_for_backward(rows, flat_target, nll)

@@ -2,7 +2,10 @@ r"""Fused linear + cross-entropy: the loss of ``hidden @ weight.T (+ bias)`` wit
 holding the (N, V) logits.
 
 The N tokens are processed in chunks of C rows, C chosen so that a chunk's logits take at
-most ``CHUNK_BYTES`` (overridable with ``chunk_size``). Per chunk, for "mean" and "sum":
+most ``CHUNK_BYTES``, in whole waves of the kernel's resident programs (one row each) on a
+GPU (overridable with ``chunk_size``). A chunk's logits rows are ``logits_row_stride(V)``
+apart (V rounded up to 64: 50304 for GPT-2), so that every row starts 16-byte aligned; the
+padding columns are never written or read. Per chunk, for "mean" and "sum":
 
     logits = h_c @ W.T + b                          (C, V), torch/cuBLAS
     loss_c, and logits <- dloss/dlogits in place     one cross-entropy kernel launch
@@ -52,6 +55,7 @@ from fusedgpt.kernels.cross_entropy import (
     cross_entropy_forward_backward_,
     reduce_loss,
     row_grad_scale,
+    rows_per_wave,
 )
 
 Tensor = torch.Tensor
@@ -61,13 +65,31 @@ Tensor = torch.Tensor
 # hundred tokens: matmuls large enough for the tensor cores, 4% of an 8k-token batch's logits.
 CHUNK_BYTES = 32 * 2**20
 
+# Rows of a chunk's logits start a multiple of this many elements apart (GPT-2: 50304 for
+# 50257 classes; the model's pad_vocab_multiple convention): 16-byte aligned rows, which
+# the kernel loads and stores 128 bits at a time, and aligned leading dimensions for cuBLAS.
+# The padding columns are never written or read.
+ROW_ALIGN = 64
 
-def default_chunk_size(num_tokens: int, vocab_size: int, dtype: torch.dtype, use_triton: bool) -> int:
-    """Tokens per chunk so that one chunk's logits (plus the torch path's fp32 copy of half
-    logits) fit ``CHUNK_BYTES``; at least 1, at most ``num_tokens``."""
+
+def logits_row_stride(vocab_size: int) -> int:
+    """Elements between the starts of two rows of a chunk's logits: ``vocab_size`` rounded
+    up to a multiple of ``ROW_ALIGN``."""
+    return -(-vocab_size // ROW_ALIGN) * ROW_ALIGN
+
+
+def default_chunk_size(num_tokens: int, vocab_size: int, dtype: torch.dtype, use_triton: bool,
+                       wave: int = 1) -> int:
+    """Tokens per chunk so that one chunk's logits (rows ``logits_row_stride`` apart, plus
+    the torch path's fp32 copy of half logits) fit ``CHUNK_BYTES``, rounded down to whole
+    waves of ``wave`` rows (the rows the kernel runs at once on the whole GPU) where one
+    fits; at least 1, at most ``num_tokens``."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     per_logit = itemsize + (4 if not use_triton and itemsize < 4 else 0)
-    return max(1, min(num_tokens, CHUNK_BYTES // (vocab_size * per_logit)))
+    fits = CHUNK_BYTES // (logits_row_stride(vocab_size) * per_logit)
+    if fits >= wave:
+        fits = fits // wave * wave
+    return max(1, min(num_tokens, fits))
 
 
 # ------------------------------------------------------------ the per-chunk loss
@@ -82,42 +104,50 @@ def _torch_chunk_loss(logits: Tensor, target: Tensor, nll: Optional[Tensor], gra
                       ignore_index: int, label_smoothing: float, z_loss: float) -> tuple[Optional[Tensor], Tensor]:
     """The kernel's contract in plain PyTorch, without a second (C, V) temporary.
 
-    ``nll`` None: compute the per-row loss and ``nll = lse - x_target``; otherwise reuse
-    them. ``grad_scale`` given: overwrite ``logits`` with the gradient of
-    ``sum_i grad_scale_i * loss_i``. The work is in fp32: in place for fp32 logits, in one
-    fp32 copy otherwise. Unlike the kernel's, the nll of an ignored row is that of class 0
-    (finite), which keeps the backward's exponentials finite before the zero scale."""
+    ``nll`` None: compute the per-row loss and the saved ``r = lse - c`` (``c`` the target's
+    logit, or 0 where it is -inf); otherwise reuse it. ``grad_scale`` given: overwrite
+    ``logits`` with the gradient of ``sum_i grad_scale_i * loss_i``. The work is in fp32:
+    in place for fp32 logits, in one fp32 copy otherwise. Rows whose target is no usable
+    class are zeroed first (never computed with), and non-finite logits behave as in
+    :func:`fusedgpt.kernels.cross_entropy`."""
     x = logits.to(_at_least_fp32(logits.dtype))
     v = x.shape[1]
     kept = target != ignore_index
     usable = kept & (target >= 0) & (target < v)
+    x.masked_fill_(~usable[:, None], 0.0)
     safe_target = torch.where(usable, target, torch.zeros_like(target))[:, None]
     x_target = x.gather(1, safe_target).squeeze(1)
+    target_infinite = x_target == float("-inf")
+    ref = torch.where(target_infinite, 0.0, x_target)
     loss = None
     if nll is None:
         x_mean = x.mean(1) if label_smoothing else 0.0
         shift = x.amax(1)
         shift = shift.masked_fill(shift == float("-inf"), 0.0)  # an all -inf row: lse -inf, not nan
         x.sub_(shift[:, None]).exp_()  # x now holds exp(logits - shift)
-        e_target = (x_target - shift).exp()
+        u = x_target - shift
         rest = x.scatter_(1, safe_target, 0.0).sum(1)  # over the other classes
         # As in the kernel: log1p keeps the digits of a confident row's small nll.
-        nll = (shift - x_target) + torch.log1p((e_target - 1.0) + rest)
-        lse = x_target + nll
-        loss = (1.0 - label_smoothing) * nll + label_smoothing * (lse - x_mean) + z_loss * lse.square()
+        nll = torch.where(target_infinite, shift, -u) + torch.log1p(torch.expm1(u) + rest)
+        lse = ref + nll
+        nll = torch.where(lse.isfinite(), nll, float("nan"))
+        row_nll = torch.where(target_infinite, float("inf"), nll)
+        loss = (1.0 - label_smoothing) * row_nll + label_smoothing * (lse - x_mean) + z_loss * lse.square()
+        loss = torch.where(lse.isfinite(), loss, float("nan"))
         loss = torch.where(usable, loss, torch.where(kept, float("nan"), 0.0))
-        to_probs = 1.0 / (e_target + rest)
+        to_probs = 1.0 / (u.exp() + rest)
     else:
-        x.sub_(x_target[:, None]).sub_(nll[:, None]).exp_()  # x now holds the probabilities
-        lse = x_target + nll
+        x.sub_(ref[:, None]).sub_(nll[:, None]).exp_()  # x now holds the probabilities
+        lse = ref + nll
         to_probs = torch.ones_like(lse)
     if grad_scale is not None:
-        scale = torch.where(usable, grad_scale, torch.where(kept, float("nan"), 0.0))
+        scale = torch.where(usable & lse.isfinite(), grad_scale, torch.where(kept, float("nan"), 0.0))
         prob_factor = 1.0 + 2.0 * z_loss * lse
         x.mul_((to_probs * prob_factor * scale)[:, None]).sub_((label_smoothing / v * scale)[:, None])
         # The true class from p_t - 1 = expm1(-nll), as in the kernel; the scale makes it 0
         # (or nan) where the target is no class.
-        true_grad = torch.expm1(-nll) * prob_factor + 2.0 * z_loss * lse + label_smoothing * (1.0 - 1.0 / v)
+        row_nll = torch.where(target_infinite, float("inf"), nll)
+        true_grad = torch.expm1(-row_nll) * prob_factor + 2.0 * z_loss * lse + label_smoothing * (1.0 - 1.0 / v)
         x.scatter_(1, safe_target, (true_grad * scale)[:, None])
         if x is not logits:
             logits.copy_(x)
@@ -163,7 +193,7 @@ def _chunked(
     weight_acc = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if wants[1] else None
     bias_acc = torch.zeros(v, dtype=acc_dtype, device=device) if wants[2] else None
     # One buffer for every chunk's logits: a fresh one per chunk would briefly hold two.
-    buffer = hidden.new_empty(min(n, chunk_size), v)
+    buffer = hidden.new_empty(min(n, chunk_size), logits_row_stride(v))[:, :v]
     for start in range(0, n, chunk_size):
         rows = slice(start, min(n, start + chunk_size))
         h = hidden[rows]
@@ -316,7 +346,7 @@ def linear_cross_entropy(
         ignore_index, reduction, label_smoothing, z_loss, validate: as in
             :func:`fusedgpt.kernels.cross_entropy` ("mean" of no kept row is 0).
         chunk_size: tokens per chunk; None sizes chunks so one chunk's logits take at most
-            ``CHUNK_BYTES`` (32 MiB).
+            ``CHUNK_BYTES`` (32 MiB), in whole waves of the kernel's rows on a GPU.
         backend: None (``$FUSEDGPT_BACKEND`` or ``auto``), ``"auto"``, ``"triton"`` or
             ``"torch"``: which per-chunk loss runs (the chunking is the same).
 
@@ -355,7 +385,8 @@ def linear_cross_entropy(
         target = checked_target(op, target, vocab_size, ignore_index)
     num_tokens = target.numel()
     if chunk_size is None:
-        chunk_size = default_chunk_size(num_tokens, vocab_size, hidden.dtype, use_triton)
+        wave = rows_per_wave(hidden.device, vocab_size) if use_triton else 1
+        chunk_size = default_chunk_size(num_tokens, vocab_size, hidden.dtype, use_triton, wave)
     return _LinearCrossEntropyFunction.apply(
         hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size, use_triton,
         torch.is_grad_enabled(),

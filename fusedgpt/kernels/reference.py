@@ -128,6 +128,12 @@ def cross_entropy(
     fp64 logits). A target that is neither ``ignore_index`` nor a class in [0, V) (which
     the public ops let through with ``validate=False``) gives its token a NaN loss and a NaN
     gradient, as the kernel does, rather than an indexing error.
+
+    Non-finite logits, as ``F.cross_entropy`` treats them: a token whose logsumexp is not
+    finite (a NaN or a +inf logit, or every logit -inf) has a NaN loss and an all-NaN
+    gradient; -inf logits are classes of probability 0 (a -inf target logit: an infinite
+    loss with the finite gradient softmax - onehot). Ignored tokens are never read: whatever
+    their logits hold, they add 0.
     """
     dtype = _compute_dtype(logits)
     flat = logits.reshape(-1, logits.shape[-1]).to(dtype)
@@ -135,6 +141,7 @@ def cross_entropy(
     keep = flat_target != ignore_index
     bad = keep & ((flat_target < 0) | (flat_target >= flat.shape[-1]))
     safe_target = torch.where(keep & ~bad, flat_target, torch.zeros_like(flat_target))
+    flat = torch.where(keep[:, None], flat, torch.zeros_like(flat))
     lse = torch.logsumexp(flat, dim=-1)
     target_logit = flat.gather(-1, safe_target[:, None]).squeeze(-1)
     loss = (1.0 - label_smoothing) * (lse - target_logit)
@@ -142,7 +149,8 @@ def cross_entropy(
         loss = loss + label_smoothing * (lse - flat.mean(dim=-1))
     if z_loss:
         loss = loss + z_loss * lse.square()
-    loss = loss * torch.where(bad, float("nan"), 1.0)  # a factor, so the gradient is NaN too
+    nan_rows = bad | ~torch.isfinite(lse.detach())
+    loss = loss * torch.where(nan_rows, float("nan"), 1.0)  # a factor, so the gradient is NaN too
     loss = torch.where(keep, loss, torch.zeros_like(loss))
     if reduction == "none":
         return loss.reshape(target.shape)

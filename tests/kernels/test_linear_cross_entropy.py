@@ -186,15 +186,64 @@ def test_float64_runs_the_chunked_torch_path_exactly(device):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_default_chunk_size_fits_budget():
+def test_default_chunk_size_fits_budget_in_whole_waves():
     budget = lce_module.CHUNK_BYTES
+    width = lce_module.logits_row_stride(50257)
+    assert width == 50304  # rows 16-byte aligned (and 64-element, as the model pads its head)
     for dtype, use_triton, per_logit in [(torch.float32, True, 4), (torch.float32, False, 4),
                                          (torch.float16, True, 2), (torch.bfloat16, False, 6)]:
         rows = lce_module.default_chunk_size(10**6, 50257, dtype, use_triton)
-        assert rows * 50257 * per_logit <= budget < (rows + 1) * 50257 * per_logit
-    assert lce_module.default_chunk_size(7, 50257, torch.float32, True) == 7
+        assert rows * width * per_logit <= budget < (rows + 1) * width * per_logit
+        # 132 SMs x 2 rows: the budget's 333 fp16 rows become 264, one whole wave; where
+        # not even one wave fits (166 fp32 rows), the budget's rows stay.
+        waves = lce_module.default_chunk_size(10**6, 50257, dtype, use_triton, wave=264)
+        assert waves == (rows // 264 * 264 if rows >= 264 else rows)
+    assert lce_module.default_chunk_size(10**6, 50257, torch.float16, True, wave=264) == 264
+    assert lce_module.default_chunk_size(7, 50257, torch.float32, True, wave=264) == 7
     assert lce_module.default_chunk_size(5, 10**9, torch.float32, True) == 1
     assert lce_module.default_chunk_size(0, 8, torch.float32, True) == 1
+    assert ce_module.rows_per_wave(torch.device("cpu"), 50257) == 1
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, under the interpreter, on inf - inf
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_non_finite_logits_behave_as_cross_entropy(reduction, backend, device):
+    """A bias with +inf, -inf at the target, or NaN makes every token's logits non-finite:
+    losses and every gradient as the reference's (F.cross_entropy's for the tokens kept;
+    the ignored token adds nothing), through the gradients computed in the forward ("sum")
+    and those recomputed from the saved logsumexp ("none")."""
+    from tests.kernels.test_cross_entropy import NON_FINITE_ROWS, assert_same_values
+
+    generator = torch.Generator().manual_seed(4)
+    inputs = dict(hidden=torch.randn(3, HIDDEN, generator=generator), weight=torch.randn(37, HIDDEN, generator=generator))
+    target = torch.tensor([1, 1, -100], device=device)
+    for case in ("+inf other", "-inf target", "nan other"):
+        inputs["bias"] = torch.zeros(37)
+        for column, value in NON_FINITE_ROWS[case].items():
+            inputs["bias"][column] = value
+        ours = {k: t.to(device).clone().requires_grad_() for k, t in inputs.items()}
+        oracle = {k: t.to(device, torch.float64).clone().requires_grad_() for k, t in inputs.items()}
+        loss = linear_cross_entropy(**ours, target=target, reduction=reduction, chunk_size=2, backend=backend)
+        expected = reference.linear_cross_entropy(**oracle, target=target, reduction=reduction)
+        loss.backward(torch.ones_like(loss))
+        expected.backward(torch.ones_like(expected))
+        assert_same_values(loss.detach(), expected.detach(), f"{case}: loss")
+        for name in inputs:
+            assert_same_values(ours[name].grad, oracle[name].grad, f"{case}: grad of {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunk_logits_rows_are_aligned(backend, device, monkeypatch):
+    """Every chunk's logits reach the per-chunk loss with rows a multiple of 64 elements apart."""
+    strides = []
+    chunk_loss = "_triton_chunk_loss" if backend == "triton" else "_torch_chunk_loss"
+    original = getattr(lce_module, chunk_loss)
+    monkeypatch.setattr(lce_module, chunk_loss, lambda logits, *args: strides.append(logits.stride()) or
+                        original(logits, *args))
+    inputs = make_inputs(41, 7, "some", -100, torch.float32, True, device)
+    loss = linear_cross_entropy(**inputs, chunk_size=3, backend=backend)
+    assert strides == [(64, 1)] * 3 and torch.isfinite(loss)
 
 
 def test_torch_compile_fullgraph_matches_eager(device):
