@@ -315,6 +315,40 @@ def test_a_full_disk_while_saving_is_a_clear_message_and_loses_nothing(corpus_di
     assert ckpt.open_checkpoint(out).step == 4
 
 
+def test_a_full_disk_while_appending_metrics_loses_no_checkpoint(corpus_dir, tmp_path, monkeypatch, capsys):
+    from fusedgpt.train import runlog
+
+    out = tmp_path / "run"
+
+    class FillsUp:
+        """The metrics file on a disk that fills after 600 bytes, mid-record."""
+
+        def __init__(self, path, mode):
+            self.file, self.room = open(path, mode), 600
+
+        def write(self, text):
+            if len(text) > self.room:
+                self.file.write(text[: self.room // 2])
+                self.file.flush()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.room -= len(text)
+            return self.file.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    monkeypatch.setattr(runlog, "open", FillsUp, raising=False)
+    assert main(train_argv(corpus_dir, out, "--max-steps", "8", "--save-every", "2")) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    last = ckpt.open_checkpoint(out)
+    assert last.step >= 2 and not (out / "metrics.jsonl").read_text().endswith("\n")  # a torn last line
+    monkeypatch.undo()
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "8", "--no-progress"]) == 0
+    assert f"warning: {out / 'metrics.jsonl'}: line" in capsys.readouterr().err
+    steps = [r["step"] for r in jsonl.read_records(out / "metrics.jsonl") if "train_loss" in r]
+    assert steps == list(range(1, 9))  # every step once: none lost, none twice
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 24 MiB tmpfs: room for one checkpoint of the tiny test model (~20 MiB), not two.
