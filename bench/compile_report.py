@@ -1,7 +1,7 @@
-"""Regenerate docs/compile-report.md: the ahead-of-time compile report of every kernel
-config x dtype x arch, with a per-op summary.
+"""Regenerate docs/compile-report.md: the ahead-of-time compile report of every launch a
+workload makes x dtype x arch, with a per-op summary.
 
-    python -m bench.compile_report [--out docs/compile-report.md]
+    python -m bench.compile_report [--workload gpt2] [--out docs/compile-report.md]
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ from fusedgpt.kernels.backend import interpreter_on
 
 
 def summary(rows: list[dict]) -> list[dict]:
-    """One line per op x arch: builds, register range, max shared memory, MMA totals."""
+    """One line per op x pass x arch: builds, register range, max shared memory, MMA totals."""
     groups: dict = defaultdict(list)
     for row in rows:
-        groups[(row["op"], row["arch"])].append(row)
+        groups[(row["op"], row["pass"], row["arch"])].append(row)
     lines = []
-    for (op, arch), group in sorted(groups.items()):
+    for (op, pass_, arch), group in sorted(groups.items()):
         built = [r for r in group if "error" not in r]
         lines.append(dict(
-            op=op, arch=arch, builds=len(group), errors=len(group) - len(built),
+            op=op, **{"pass": pass_}, arch=arch, builds=len(group), errors=len(group) - len(built),
             registers=f"{min(r['registers'] for r in built)}-{max(r['registers'] for r in built)}" if built else "",
             spill_bytes=sum(r["spill_bytes"] for r in built),
             max_shared=max((r["shared_bytes"] for r in built), default=0),
@@ -38,26 +38,30 @@ def summary(rows: list[dict]) -> list[dict]:
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compile_report", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join("docs", "compile-report.md"))
+    parser.add_argument("--workload", default="gpt2", help="one of gpt2, gpt2-xl, d128")
     args = parser.parse_args(argv)
     if interpreter_on():
         raise SystemExit("run without TRITON_INTERPRET: the report compiles the real kernels")
 
     from fusedgpt.kernels import compile_report as report
 
-    rows = report.report()
+    workload = report.workload(args.workload)
+    rows = report.report(workload_name=workload.name)
     problems = report.problems(rows)
     versions = common.versions()
     text = "\n\n".join([
         "# Compile report",
-        f"Every kernel configuration the dispatcher can launch, compiled ahead of time for sm_80 and "
-        f"sm_90 on a machine without a GPU (`fusedgpt kernels inspect`; regenerate with "
-        f"`python -m bench.compile_report`). Triton {versions['triton']}, torch {versions['torch']}, "
-        f"commit {versions['commit']}, {versions['date']}. How to read it: "
-        f"[verification.md](verification.md).",
+        f"Every kernel launch a training step of the `{workload.name}` workload makes ({workload}), "
+        f"each autotune config the pruner keeps, compiled ahead of time for sm_80 and sm_90 on a machine "
+        f"without a GPU as the JIT specialises it (`fusedgpt kernels inspect --workload {workload.name}`; "
+        f"regenerate with `python -m bench.compile_report --workload {workload.name}`). Triton "
+        f"{versions['triton']}, torch {versions['torch']}, commit {versions['commit']}, {versions['date']}. "
+        f"The cost columns (per unit of work, from SASS) and the cycle model are a MODEL, not a "
+        f"measurement: see [verification.md](verification.md), \"Static cost\".",
         f"**{len(rows)} builds, {len(problems)} problem(s)** (a problem is a failed build, a spill, or shared "
         f"memory over the per-block limit)." + "".join(f"\n- {p}" for p in problems),
         "## Summary per op and architecture",
-        common.markdown_table(summary(rows), ["op", "arch", "builds", "errors", "registers", "spill_bytes",
+        common.markdown_table(summary(rows), ["op", "pass", "arch", "builds", "errors", "registers", "spill_bytes",
                                               "max_shared", "shared_limit", "hmma", "hgmma"]),
         "## Every build",
         report.format_table(rows),

@@ -1,6 +1,6 @@
 """Static cost of fusedgpt's kernels beside peer Triton kernels, without a GPU.
 
-    python -m bench.static [--peers] [--arch sm_80,sm_90] [--workload gpt2] [--dtype bf16] [--json]
+    python -m bench.static [--peers [liger-kernel,...]] [--arch sm_80,sm_90] [--workload gpt2] [--dtype bf16] [--json]
     python -m bench.static --peers --out bench/results/static      # the committed table + JSON
 
 Every kernel, fusedgpt's and the peers', is compiled through the one path of
@@ -13,20 +13,22 @@ unit (below 1: fusedgpt is modelled cheaper). A peer that does not import or bui
 listed with the reason. Figures are a model read from SASS, not a measurement.
 
 Which fusedgpt launch is compared: the peer's case (LayerNorm without the residual add,
-attention without dropout, cross-entropy forward and backward in one launch), and of
+attention without dropout; cross-entropy in each of its modes), and of
 several autotune configs the one the model rates cheapest; every build is in the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
 import subprocess
 import sys
+import types
 from collections import defaultdict
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -74,13 +76,129 @@ def _liger_cross_entropy(dtype: torch.dtype, workload: cr.Workload) -> list[cr.K
                                                               loops="sequence"))]
 
 
-def _import_only(module: str) -> Callable:
-    """A peer whose kernels are not described here yet: importing it is all that is tried,
-    so that the table says why it is missing (an import failure, or "not described")."""
+# flag-gems asks torch about the GPU when it is imported (vendor, device name for its tuning
+# cache, capability) and enters ``torch.cuda.device(...)`` around launches; here there is
+# none. For its description torch answers as an H100 would (flag-gems 5.0.2 tunes the same
+# configs for Ampere and Hopper), and the device context is a no-op on meta tensors.
+_STAND_IN_GPU = dict(name="NVIDIA H100 80GB HBM3", capability=(9, 0), multi_processor_count=132)
+
+
+@contextlib.contextmanager
+def _stand_in_gpu() -> Iterator[None]:
+    properties = types.SimpleNamespace(name=_STAND_IN_GPU["name"], major=9, minor=0, total_memory=80 << 30,
+                                       multi_processor_count=_STAND_IN_GPU["multi_processor_count"])
+    answers = dict(
+        get_device_name=lambda *args, **kwargs: _STAND_IN_GPU["name"],
+        get_device_properties=lambda *args, **kwargs: properties,
+        get_device_capability=lambda *args, **kwargs: _STAND_IN_GPU["capability"],
+        device_count=lambda: 1, current_device=lambda: 0,
+        device=lambda *args, **kwargs: contextlib.nullcontext(),
+    )
+    saved = {name: getattr(torch.cuda, name) for name in answers}
+    vendor = os.environ.get("GEMS_VENDOR")
+    os.environ["GEMS_VENDOR"] = "nvidia"
+    try:
+        for name, answer in answers.items():
+            setattr(torch.cuda, name, answer)
+        yield
+    finally:
+        for name, original in saved.items():
+            setattr(torch.cuda, name, original)
+        if vendor is None:
+            os.environ.pop("GEMS_VENDOR", None)
+        else:
+            os.environ["GEMS_VENDOR"] = vendor
+
+
+def _flag_gems_layernorm(dtype: torch.dtype, workload: cr.Workload) -> list[cr.KernelVariant]:
+    m, n = workload.tokens, workload.channels
+    item = torch.empty((), dtype=dtype).element_size()
+    x, dy = cr.meta_tensor(m, n, dtype=dtype), cr.meta_tensor(m, n, dtype=dtype)
+    weight, bias = cr.meta_tensor(n, dtype=dtype), cr.meta_tensor(n, dtype=dtype)
+    with _stand_in_gpu():
+        gems = importlib.import_module("flag_gems.ops.layernorm")
+        with cr.launches(gems, "layer_norm_persistent_kernel", "layer_norm_loop_kernel") as forward:
+            _, mean, rstd = gems.layer_norm(x, (n,), weight, bias, 1e-5)
+        with cr.launches(gems, "layer_norm_backward_kernel", "weight_bias_backward_kernel") as backward:
+            gems.layer_norm_backward(dy, x, (n,), mean, rstd, weight, bias, output_mask=[True, True, True])
+    found = []
+    for launch in (x for r in forward for x in cr.expand(r)):  # a program per row, no loop
+        found.append(cr.jit_variant("layernorm", "fwd", launch, impl="flag-gems", workload=workload,
+                                    show=("TILE_N",), work=cr.Work("element", n, 2 * item + 8 / n)))
+    for launch in (x for r in backward for x in cr.expand(r)):
+        # Each iteration: BLOCK_ROW_SIZE rows x BLOCK_COL_SIZE columns (of which n are real).
+        # dX reads dY and X twice (two loops) and writes dX; dW/dB is a second kernel that
+        # reads dY and X again, looping over rows.
+        rows, cols = launch.args["BLOCK_ROW_SIZE"], min(launch.args["BLOCK_COL_SIZE"], n)
+        input_grad = "dX" in launch.args
+        found.append(cr.jit_variant(
+            "layernorm", "bwd", launch, impl="flag-gems", workload=workload, show=("BLOCK_ROW_SIZE", "BLOCK_COL_SIZE"),
+            work=cr.Work("element", rows * cols, (3 if input_grad else 2) * item + 8 / n, loops="sequence")))
+    return found
+
+
+def _flag_gems_cross_entropy(dtype: torch.dtype, workload: cr.Workload) -> list[cr.KernelVariant]:
+    from fusedgpt.kernels.linear_cross_entropy import default_chunk_size
+
+    v, item = workload.vocab, torch.empty((), dtype=dtype).element_size()
+    rows = default_chunk_size(workload.tokens, v, dtype, use_triton=True)
+    logits = cr.meta_tensor(rows, v, dtype=dtype, strides=(workload.logits_row_stride, 1)).requires_grad_()
+    target = cr.meta_tensor(rows, dtype=torch.int64)
+    with _stand_in_gpu():
+        gems = importlib.import_module("flag_gems.fused.cross_entropy_loss")
+        with cr.launches(gems, "celoss_indices_kernel", "sum_and_scale") as forward:
+            gems.CrossEntropyLoss.apply(logits, target, None, 1, -100, 0.0)  # reduction 1 = mean
+    # Each iteration of its loop over the classes: BLOCK_C classes of BLOCK_D positions
+    # (one real position: the logits are (N, C), D = 1). The mean over rows after it is a
+    # single small program, left out.
+    return [cr.jit_variant("cross_entropy", "fwd", launch, impl="flag-gems", workload=workload,
+                           show=("BLOCK_C", "BLOCK_D"), work=cr.Work("logit", launch.args["BLOCK_C"], item))
+            for launch in (x for r in forward[:1] for x in cr.expand(r))]
+
+
+def _flag_gems_cross_entropy_backward(dtype: torch.dtype, workload: cr.Workload) -> list[cr.KernelVariant]:
+    """Its backward reads the mean divisor with ``.item()``: on meta tensors this raises, and
+    the table says so."""
+    v = workload.vocab
+    logits = cr.meta_tensor(8, v, dtype=dtype).requires_grad_()
+    with _stand_in_gpu():
+        gems = importlib.import_module("flag_gems.fused.cross_entropy_loss")
+        with cr.launches(gems, "celoss_indices_kernel", "sum_and_scale", "celoss_indices_bwd"):
+            loss = gems.CrossEntropyLoss.apply(logits, cr.meta_tensor(8, dtype=torch.int64), None, 1, -100, 0.0)
+            loss.backward()
+    return []
+
+
+def _flag_gems_attention(dtype: torch.dtype, workload: cr.Workload) -> list[cr.KernelVariant]:
+    t, d = workload.seq, workload.head_dim
+    item = torch.empty((), dtype=dtype).element_size()
+    q, k, v = cr.attention_inputs(workload, dtype)
+    with _stand_in_gpu():
+        gems = importlib.import_module("flag_gems.ops.attention")
+        with cr.launches(gems, "_attn_fwd") as forward:
+            gems.scaled_dot_product_attention_forward(q, k, v, is_causal=True)
+    per_head = t * (t + 1) / 2 / 1024
+    found = []
+    for launch in (x for r in forward for x in cr.expand(r)):
+        # It autotunes over 45 configs on a GPU; compiled here: those with 3 stages and key
+        # blocks of at least 32 (the 16-wide ones are for head dims below 64).
+        if launch.options["num_stages"] != 3 or launch.args["BLOCK_N"] < 32:
+            continue
+        found.append(cr.jit_variant(
+            "attention", "fwd", launch, impl="flag-gems", workload=workload, show=("BLOCK_M", "BLOCK_N", "PRE_LOAD_V"),
+            work=cr.Work("1K pairs", launch.args["BLOCK_M"] * launch.args["BLOCK_N"] / 1024,
+                         (4 * t * d * item + 4 * t) / per_head, 2 * 2 * d * 1024)))
+    return found
+
+
+def _not_described(package: str, why: str) -> Callable:
+    """A peer kernel this tool cannot yet normalise: importing the package is tried (so an
+    import failure is the reason given), then ``why``."""
 
     def describe(dtype: torch.dtype, workload: cr.Workload) -> list:
-        importlib.import_module(module)
-        return []
+        with _stand_in_gpu():
+            importlib.import_module(package)
+        raise NotImplementedError(why)
 
     return describe
 
@@ -90,17 +208,24 @@ def _import_only(module: str) -> Callable:
 PEERS: list[tuple[str, str, Callable]] = [
     ("liger-kernel", "layernorm", _liger_layernorm),
     ("liger-kernel", "cross_entropy", _liger_cross_entropy),
-    ("flag-gems", "attention", _import_only("flag_gems")),
-    ("flash-attn-triton", "attention", _import_only("flash_attn_triton")),
+    ("flag-gems", "layernorm", _flag_gems_layernorm),
+    ("flag-gems", "cross_entropy", _flag_gems_cross_entropy),
+    ("flag-gems", "cross_entropy", _flag_gems_cross_entropy_backward),
+    ("flag-gems", "attention", _flag_gems_attention),
+    ("flag-gems", "attention", _not_described(
+        "flag_gems", "backward not compared: one kernel runs dK/dV and dQ loops over different tiles, and the "
+                     "per-unit count here takes one tile per kernel")),
+    ("flash-attn-triton", "attention", _not_described("flash_attn_triton", "imported; no description yet")),
 ]
 
 
 def peer_variants(dtypes: Sequence[str], workload_name: str, ops: Optional[Sequence[str]] = None,
-                  failures: Optional[list] = None) -> list[cr.KernelVariant]:
-    """The peers' variants for the workload; what fails is appended to ``failures``."""
+                  failures: Optional[list] = None, packages: Optional[Sequence[str]] = None) -> list[cr.KernelVariant]:
+    """The peers' variants for the workload (of ``packages``, default all); what fails is
+    appended to ``failures``."""
     found = []
     for package, op, describe in PEERS:
-        if ops and op not in ops:
+        if (ops and op not in ops) or (packages and package not in packages):
             continue
         for dtype_name in dtypes:
             try:
@@ -126,13 +251,13 @@ def _fusedgpt_variants(ops, dtypes, workload_name) -> list[cr.KernelVariant]:
 def _comparable(row: dict) -> bool:
     """The fusedgpt launches that do what the peers' do (see the module docstring)."""
     config = row["config"]
-    return not (config.get("HAS_RESIDUAL") or config.get("HAS_DSUM") or config.get("HAS_DROPOUT")
-                or (row["op"] == "cross_entropy" and row["pass"] != "fwd+bwd"))
+    return not (config.get("HAS_RESIDUAL") or config.get("HAS_DSUM") or config.get("HAS_DROPOUT"))
 
 
 def per_pass(rows: Sequence[dict]) -> list[dict]:
     """One line per op x pass x arch x dtype x impl: the cheapest config of each kernel,
-    summed over the kernels of the pass (the attention backward: delta, dK/dV, dQ)."""
+    summed over the kernels of the pass, which run one after the other (the attention
+    backward: delta, dK/dV, dQ); loop shape, load widths and FTZ are the costliest kernel's."""
     best: dict = {}
     for row in rows:
         if "error" in row or (row["impl"] == "fusedgpt" and not _comparable(row)):
@@ -157,7 +282,7 @@ def per_pass(rows: Sequence[dict]) -> list[dict]:
             masked_insts_per_unit=main["masked_insts_per_unit"],
             mufu_per_unit=total("mufu_per_unit"),
             exp_ftz=main["exp_ftz"], load_widths=main["load_widths"], tma=total("tma"),
-            bytes_per_unit=total("bytes_per_unit"), min_bytes_per_unit=main["min_bytes_per_unit"],
+            bytes_per_unit=total("bytes_per_unit"), min_bytes_per_unit=total("min_bytes_per_unit"),
             mma_redundancy=sum(mma) if mma else None,
             model_cycles_per_unit=total("model_cycles_per_unit"),
         ))
@@ -206,7 +331,8 @@ def json_rows(rows: Sequence[dict], failures: Sequence[dict]) -> list[dict]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.static", description=__doc__.splitlines()[0])
-    parser.add_argument("--peers", action="store_true", help="compile the installed peer kernels too")
+    parser.add_argument("--peers", nargs="?", const="all", default=None,
+                        help=f"compile peer kernels too: all, or some of {sorted({p for p, _, _ in PEERS})}")
     parser.add_argument("--arch", default="sm_80,sm_90")
     parser.add_argument("--workload", default="gpt2", help=f"one of {', '.join(cr.WORKLOADS)}")
     parser.add_argument("--dtype", default="bf16", help="comma-separated: fp32, fp16, bf16")
@@ -226,18 +352,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      source_kwargs=dict(ops=ops, dtypes=dtypes, workload_name=workload.name))
     failures: list = []
     if args.peers:
-        peer_variants(dtypes, workload.name, ops, failures)  # in this process: collect the reasons
+        packages = None if args.peers == "all" else args.peers.split(",")
+        unknown = set(packages or ()) - {p for p, _, _ in PEERS}
+        if unknown:
+            parser.error(f"--peers: unknown {sorted(unknown)}")
+        peer_variants(dtypes, workload.name, ops, failures, packages)  # in this process: collect the reasons
         rows += cr.report(archs, workers=args.workers, source="bench.static:peer_variants",
-                          source_kwargs=dict(dtypes=dtypes, workload_name=workload.name, ops=ops))
+                          source_kwargs=dict(dtypes=dtypes, workload_name=workload.name, ops=ops, packages=packages))
+    # A config that does not compile is one an autotuner skips on a GPU; it is listed too.
     failures += [dict(op=r["op"], impl=r["impl"], dtype=r["dtype"], workload=r["workload"],
-                      error=f"{r['kernel']} {r['arch']}: {r['error']}") for r in rows if "error" in r]
+                      error=f"config {' '.join(f'{k}={v}' for k, v in r['config'].items())} w{r['num_warps']}"
+                            f"s{r['num_stages']} of {r['kernel']} does not compile for {r['arch']}: {r['error']}")
+                 for r in rows if "error" in r]
     from bench import common
 
     versions = common.versions()
     header = (f"# Static cost: fusedgpt vs peer Triton kernels, workload `{workload.name}` "
               f"({workload})\n\nA MODEL read from SASS of ahead-of-time builds (no GPU ran anything): "
               f"per unit of work, main-loop instructions, MUFU, global memory instructions and bytes, MMA "
-              f"redundancy, and modelled SM cycles = max(tensor core, MUFU, issue, memory) with the constants of "
+              f"redundancy, and modelled SM cycles = max(tensor core, MUFU, issue, HBM, L2) per kernel, added over "
+              f"the kernels of a pass, with the constants of "
               f"docs/verification.md (sm_80 = A100 SXM 80GB, sm_90 = H100 SXM). Ratio < 1: fusedgpt modelled "
               f"cheaper than the best peer. Triton {versions['triton']}, torch {versions['torch']}, commit "
               f"{versions['commit']}, {versions['date']}. Regenerate: `python -m bench.static --peers --out "

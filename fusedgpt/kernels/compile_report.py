@@ -5,25 +5,30 @@ How an op registers its builds (the contract every op module follows)
 ----------------------------------------------------------------------
 Each module in ``OP_MODULES`` defines::
 
-    def aot_variants(dtype: torch.dtype, workload: Workload = WORKLOADS["gpt2"]) -> list[KernelVariant]
+    def aot_variants(dtype: torch.dtype, workload: Workload | None = None) -> list[KernelVariant]
 
-returning one :class:`KernelVariant` per kernel launch that workload makes in training
-(forward and backward; every autotune config the pruner keeps; dropout off and on where
-the op has it). A variant is made with :func:`jit_variant`, which takes the kernel's
-arguments *by name, as the launcher would pass them*: tensors as ``torch`` tensors on the
-``meta`` device laid out like the real ones (:func:`meta_tensor`; views and strides as in
-the model), integers and floats as their values, constexprs as values. The signature, the
-constants and the ``tt.divisibility`` attributes are then derived from the kernel's own
-signature by Triton's own binder, exactly as the JIT does at launch: pointers 16-byte
-aligned and integers divisible by 16 are marked 16-divisible, integers equal to 1 become
-constants, ``do_not_specialize`` parameters stay plain. Nobody writes a signature by hand.
+(``None`` = ``WORKLOADS["gpt2"]``) returning one :class:`KernelVariant` per kernel launch
+that workload makes in training: forward and backward, every autotune config the pruner
+keeps, dropout off and on where the op has it. Nobody writes a signature by hand:
 
-Each variant also carries a :class:`Work`: the unit of work (``element``, ``logit``,
-``1K pairs``), how many units one program does per iteration of its main loop (or in all,
-for a kernel without a loop), the minimum bytes the pass must move per unit, and the
-matmul flops per unit the algorithm needs. New ops (rms_norm, rotary, swiglu, ...) add
-their module to ``OP_MODULES`` and return variants the same way; peer kernels
-(``bench/static.py``) are described through the same two calls.
+1. build the inputs on the ``meta`` device with the real shapes, dtypes and layout
+   (:func:`meta_tensor`, :func:`attention_inputs`; views and strides as in the model);
+2. call the op's own *launcher* inside ``with launches(module, "kernel_name", ...) as found:``
+   — the kernels are looked up by name, so the launches are recorded (arguments by name,
+   constexprs and ``num_warps``/``num_stages`` included) instead of run;
+3. ``expand(launch)`` turns an autotuned launch into one per config its pruner keeps;
+4. ``jit_variant(op, pass_, launch, work=Work(...), workload=workload, show=(...))``.
+
+At compile time Triton's own binder specialises the recorded arguments exactly as the JIT
+does at launch: pointers 16-byte aligned and integers divisible by 16 are marked
+``tt.divisibility=16``, integers equal to 1 become constants, ``do_not_specialize``
+parameters stay plain. The :class:`Work` gives the unit of work (``element``, ``logit``,
+``1K pairs``), how many units one program does per iteration of its innermost loop (or in
+all, for a kernel without a loop), the bytes the kernel must move per unit, and the matmul
+flops per unit its pass needs. New ops (rms_norm, rotary, swiglu, ...) add their module to
+``OP_MODULES`` and follow the same four steps (``layernorm.aot_variants`` is the shortest
+example); peer kernels (``bench/static.py``) are described with the same calls on their
+own launchers.
 
 What is read from each build
 ----------------------------
@@ -42,8 +47,9 @@ with the tools the Triton wheel ships:
   (no ``FSETP ... -126`` range fix-up around them), tensor-core instructions with their
   shapes (``HMMA.16816``, ``HGMMA.64x64x16``) and the MMA work relative to the matmuls the
   algorithm needs (1.00 = nothing computed twice);
-- a modelled cost per unit, in SM cycles: the largest of tensor-core, MUFU, issue and
-  memory time, with the per-architecture constants in ``MODEL`` (docs/verification.md).
+- a modelled cost per unit, in SM cycles: the largest of tensor-core, MUFU, issue, HBM
+  (compulsory bytes) and L2 (bytes the instructions move) time, with the per-architecture
+  constants in ``MODEL`` (docs/verification.md).
   A model, not a measurement.
 
 It cannot see speed, bank conflicts, cache behaviour or anything that depends on the data.
@@ -148,6 +154,15 @@ def meta_tensor(*shape: int, dtype: torch.dtype, strides: Optional[Sequence[int]
     return torch.empty_strided(shape, tuple(strides), dtype=dtype, device="meta")
 
 
+def attention_inputs(workload: Workload, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, H, T, D) laid out as the model makes them: split from one (B, T, 3C)
+    projection and viewed per head (rows 3C apart)."""
+    b, t, h, d = workload.batch, workload.seq, workload.heads, workload.head_dim
+    qkv = meta_tensor(b, t, 3 * h * d, dtype=dtype)
+    q, k, v = (x.view(b, t, h, d).transpose(1, 2) for x in qkv.split(h * d, dim=2))
+    return q, k, v
+
+
 # --------------------------------------------------------------------------- variants
 
 
@@ -158,8 +173,9 @@ class Work:
     ``per_iteration``: units of work per iteration of the innermost loop (per program), or
     per program for a kernel without a loop. ``loops``: "alternatives" when each unit goes
     through one of the loops (unmasked or masked), "sequence" when through all of them.
-    ``min_bytes``: bytes per unit the pass must move at least. ``mma_flops``: matmul flops
-    per unit the pass's algorithm needs (0 without matmuls)."""
+    ``min_bytes``: bytes per unit this kernel must move at least (its compulsory reads and
+    writes). ``mma_flops``: matmul flops per unit the whole pass's algorithm needs (0
+    without matmuls), so that a kernel's MMA redundancy is its share of the pass's."""
 
     unit: str
     per_iteration: float
@@ -201,7 +217,8 @@ class Launch:
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion", "launch_pdl")
 
 
-def _python_function(kernel: Any) -> Any:
+def python_function(kernel: Any) -> Any:
+    """The Python function under a kernel and its wrappers (JIT, autotune, interpreter)."""
     while hasattr(kernel, "fn"):
         kernel = kernel.fn
     return kernel
@@ -222,7 +239,7 @@ def launches(module: Any, *names: str) -> Iterator[list[Launch]]:
         def __getitem__(self, grid: Any) -> Callable:
             def launch(*args: Any, **kwargs: Any) -> None:
                 options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}
-                bound = inspect.signature(_python_function(self.kernel)).bind_partial(*args, **kwargs)
+                bound = inspect.signature(python_function(self.kernel)).bind_partial(*args, **kwargs)
                 found.append(Launch(self.kernel, dict(bound.arguments), options))
             return launch
 
@@ -238,7 +255,8 @@ def launches(module: Any, *names: str) -> Iterator[list[Launch]]:
 
 def expand(launch: Launch) -> list[Launch]:
     """The launches a recorded one turns into on a GPU: one per autotune config that the
-    autotuner's pruning keeps for these arguments, with heuristics applied."""
+    autotuner's pruning keeps for these arguments, with heuristics applied (through other
+    wrappers that hold the kernel as ``fn``)."""
     from triton.runtime.autotuner import Autotuner, Heuristics
 
     kernel = launch.kernel
@@ -258,6 +276,8 @@ def expand(launch: Launch) -> list[Launch]:
             options = dict(launch.options, num_warps=config.num_warps, num_stages=config.num_stages)
             found += expand(Launch(kernel.fn, {**launch.args, **config.kwargs}, options))
         return found
+    if hasattr(kernel, "fn") and not inspect.isfunction(kernel.fn):
+        return expand(Launch(kernel.fn, launch.args, launch.options))  # another library's wrapper
     return [launch]
 
 
@@ -449,13 +469,16 @@ def per_unit(section: dict, work: Work, num_warps: int) -> dict:
 
 
 def model_cycles(figures: dict, min_bytes: float, arch: str) -> dict:
-    """Modelled SM cycles per unit: each resource's time, and their maximum."""
+    """Modelled SM cycles per unit: each resource's time, and their maximum. Memory counts
+    twice: the kernel's compulsory bytes at HBM bandwidth, and the bytes its instructions
+    move (re-reads included, all lanes counted) at L2 bandwidth."""
     rates = MODEL[arch]
     terms = dict(
         tensor=figures["mma_flops"] / rates["mma_flops"],
         mufu=figures["mufu"] * 32 / rates["mufu_lanes"],
         issue=figures["insts"] / rates["issue"],
-        memory=max(min_bytes / rates["hbm_bytes"], figures["bytes"] / rates["l2_bytes"]),
+        hbm=min_bytes / rates["hbm_bytes"],
+        l2=figures["bytes"] / rates["l2_bytes"],
     )
     return dict(terms, bound=max(terms, key=terms.get), cycles=max(terms.values()))
 
@@ -530,7 +553,7 @@ def compile_variant(variant: KernelVariant, arch: str) -> dict:
             options={"num_warps": variant.num_warps, "num_stages": variant.num_stages, **variant.options},
         )
     except Exception as exc:  # an out-of-resources config is a finding, not a crash
-        return {**row, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+        return {**row, "error": _error_line(exc)}
     with tempfile.TemporaryDirectory() as tmp:
         cubin_path = os.path.join(tmp, "kernel.cubin")
         with open(cubin_path, "wb") as handle:
@@ -552,6 +575,17 @@ def compile_variant(variant: KernelVariant, arch: str) -> dict:
     }
 
 
+def _error_line(exc: Exception) -> str:
+    """One line for a failed build: the exception's first line and, for a compile-time
+    assertion (whose message ends with the failed condition), its last; and the first line
+    of the error that caused it (a compilation error's message is the source position)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and line.strip() != "^"]
+    text = " ... ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else ""
+    if exc.__cause__ is not None:
+        text += f" (caused by {_error_line(exc.__cause__)})"
+    return f"{type(exc).__name__}: {text}"[:400]
+
+
 def variants(ops: Optional[Sequence[str]] = None, dtypes: Iterable[str] = DTYPES,
              workload_name: str = "gpt2") -> list[KernelVariant]:
     """Every registered kernel variant for the workload, optionally only for the ops named."""
@@ -571,9 +605,16 @@ def variants(ops: Optional[Sequence[str]] = None, dtypes: Iterable[str] = DTYPES
 SOURCE = "fusedgpt.kernels.compile_report:variants"
 
 
+_LISTED: dict = {}
+
+
 def _listed(source: str, kwargs: dict) -> list[KernelVariant]:
-    module_name, function = source.split(":")
-    return getattr(importlib.import_module(module_name), function)(**kwargs)
+    """The variants of a source, listed once per process."""
+    key = (source, json.dumps(kwargs, sort_keys=True))
+    if key not in _LISTED:
+        module_name, function = source.split(":")
+        _LISTED[key] = getattr(importlib.import_module(module_name), function)(**kwargs)
+    return _LISTED[key]
 
 
 def _compile_job(job: tuple[str, dict, int, str]) -> dict:

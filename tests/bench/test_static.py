@@ -13,8 +13,8 @@ import pytest
 def layernorm_rows():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, "-m", "bench.static", "--peers", "--op", "layernorm", "--arch", "sm_90", "--dtype", "bf16",
-         "--json"], capture_output=True, text=True, env=env, timeout=600)
+        [sys.executable, "-m", "bench.static", "--peers", "liger-kernel", "--op", "layernorm", "--arch", "sm_90",
+         "--dtype", "bf16", "--json"], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout)
 

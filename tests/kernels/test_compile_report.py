@@ -159,7 +159,9 @@ def test_model_takes_the_slowest_resource():
     model = report.model_cycles(dict(insts=40.0, mufu=1.0, bytes=0.0, mma_flops=0.0), 0.0, "sm_90")
     assert model["bound"] == "issue" and model["cycles"] == 10.0
     model = report.model_cycles(dict(insts=4.0, mufu=0.0, bytes=0.0, mma_flops=0.0), 139.0, "sm_90")
-    assert model["bound"] == "memory" and model["cycles"] == pytest.approx(10.0)
+    assert model["bound"] == "hbm" and model["cycles"] == pytest.approx(10.0)
+    model = report.model_cycles(dict(insts=4.0, mufu=0.0, bytes=474.0, mma_flops=0.0), 0.0, "sm_90")
+    assert model["bound"] == "l2" and model["cycles"] == pytest.approx(10.0)
 
 
 def test_problems_flags_spills_overflow_and_errors():
