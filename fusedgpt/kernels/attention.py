@@ -1090,18 +1090,19 @@ def aot_variants(dtype: torch.dtype, workload=None) -> list:
     workload = workload or cr.WORKLOADS["gpt2"]
     b, t, h, d = workload.batch, workload.seq, workload.heads, workload.head_dim
     item = torch.empty((), dtype=dtype).element_size()
-    qkv = cr.meta_tensor(b, t, 3 * h * d, dtype=dtype)
-    q, k, v = (x.view(b, t, h, d).transpose(1, 2) for x in qkv.split(h * d, dim=2))
+    q, k, v = cr.attention_inputs(workload, dtype)
     o = cr.meta_tensor(b, t, h, d, dtype=dtype).transpose(1, 2)
     lse = cr.meta_tensor(b, h, t, dtype=torch.float32)
-    # Per head, causal: T (T + 1) / 2 query-key pairs. Bytes the pass must move per 1K
-    # pairs: q, k, v, o and the fp32 logsumexp forward; backward q, k, v, o, dO read, dQ,
-    # dK, dV written, logsumexp read, delta written and read.
+    # Per head, causal: T (T + 1) / 2 query-key pairs. Bytes each kernel must move per 1K
+    # pairs (T x D tensors of ``item`` bytes, fp32 vectors of T): forward q, k, v read, o
+    # written, logsumexp written; delta o, dO read, delta written; dK/dV q, k, v, dO, lse,
+    # delta read, dK, dV written; dQ the same reads, dQ written. Matmul flops per 1K pairs
+    # the pass needs: 2 forward (QK^T, PV), 5 backward (QK^T again, dP, dV, dK, dQ).
     per_head = t * (t + 1) / 2 / 1024
-    passes = {
-        "fwd": dict(min_bytes=(4 * t * d * item + 4 * t) / per_head, mma_flops=2 * 2 * d * 1024),
-        "bwd": dict(min_bytes=(8 * t * d * item + 12 * t) / per_head, mma_flops=5 * 2 * d * 1024),
-    }
+    tensors, vectors = t * d * item, 4 * t
+    min_bytes = {"_attn_fwd_kernel": 4 * tensors + vectors, "_attn_bwd_delta_kernel": 2 * tensors + vectors,
+                 "_attn_bwd_dkdv_kernel": 6 * tensors + 2 * vectors, "_attn_bwd_dq_kernel": 5 * tensors + 2 * vectors}
+    mma_flops = {"fwd": 2 * 2 * d * 1024, "bwd": 5 * 2 * d * 1024}
     module = sys.modules[__name__]
     found = []
     for dropout_p in (0.0, workload.dropout_p):
@@ -1114,11 +1115,14 @@ def aot_variants(dtype: torch.dtype, workload=None) -> list:
                 if "BLOCK_N" in launch.args:  # the main kernels: BLOCK_M x BLOCK_N pairs per iteration
                     per_iteration, loops = launch.args["BLOCK_M"] * launch.args["BLOCK_N"] / 1024, "alternatives"
                     show = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HAS_DROPOUT")
+                elif dropout_p:  # the delta preprocess does not depend on dropout: listed once
+                    continue
                 else:  # the delta preprocess: BLOCK_M queries of (T + 1) / 2 keys on average
                     per_iteration, loops = launch.args["BLOCK_M"] * (t + 1) / 2 / 1024, "sequence"
                     show = ("BLOCK_M", "BLOCK_D")
+                name = cr.python_function(launch.kernel).__name__
                 found.append(cr.jit_variant(
                     "attention", pass_, launch, workload=workload, show=show,
-                    work=cr.Work("1K pairs", per_iteration, loops=loops, **passes[pass_]),
+                    work=cr.Work("1K pairs", per_iteration, min_bytes[name] / per_head, mma_flops[pass_], loops),
                 ))
     return found
