@@ -4,7 +4,7 @@ checkpoints."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 from fusedgpt.kernels.backend import BACKENDS
 
@@ -113,3 +113,128 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mini": dict(n_layer=4, n_head=4, n_embd=128, context_length=128),
     "small": dict(n_layer=6, n_head=4, n_embd=256, context_length=256),
 }
+
+
+@dataclasses.dataclass
+class LlamaConfig:
+    """Hyperparameters of a Llama-family model: Llama 3 and Qwen3 (defaults: ``llama-tiny``).
+
+    Attributes:
+        vocab_size: tokens the model knows; token ids must lie in ``[0, vocab_size)``.
+        context_length: the most positions the model attends over (the rotary table's length).
+        n_layer, n_head, n_embd: depth, query heads, width.
+        n_kv_head: key/value heads, dividing ``n_head`` (grouped-query attention; 1 is
+            multi-query, ``n_head`` is plain multi-head).
+        head_dim: features per head; ``n_head * head_dim`` may differ from ``n_embd`` (Qwen3).
+        intermediate_size: width of the SwiGLU MLP's hidden layer.
+        rope_theta: the rotary frequency base.
+        rope_scaling: None, or Hugging Face's ``rope_scaling`` dict of ``rope_type`` "llama3"
+            (``factor``, ``low_freq_factor``, ``high_freq_factor``,
+            ``original_max_position_embeddings``), see :func:`fusedgpt.kernels.rotary_cache`.
+        rms_eps: the RMSNorms' epsilon.
+        qk_norm: RMSNorm over each query and key head before the rotation (Qwen3).
+        tie_weights: the output head shares the token embedding matrix.
+        sliding_window: every layer's query sees only this many most recent keys; None: all.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``, passed to every fused op.
+    """
+
+    vocab_size: int = 50257
+    context_length: int = 128
+    n_layer: int = 2
+    n_head: int = 4
+    n_kv_head: int = 2
+    n_embd: int = 128
+    head_dim: int = 32
+    intermediate_size: int = 352
+    rope_theta: float = 500000.0
+    rope_scaling: Optional[dict[str, Any]] = None
+    rms_eps: float = 1e-5
+    qk_norm: bool = False
+    tie_weights: bool = True
+    sliding_window: Optional[int] = None
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_kv_head", "n_embd", "head_dim",
+                     "intermediate_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LlamaConfig: {name} must be a positive int, got {value!r}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"LlamaConfig: n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig: head_dim must be even (rotary pairs), got {self.head_dim}")
+        for name in ("rope_theta", "rms_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"LlamaConfig: {name} must be a number > 0, got {value!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise TypeError(f"LlamaConfig: rope_scaling must be None or a dict, got {self.rope_scaling!r}")
+        for name in ("qk_norm", "tie_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"LlamaConfig: {name} must be a bool, got {getattr(self, name)!r}")
+        window = self.sliding_window
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+            raise ValueError(f"LlamaConfig: sliding_window must be None or a positive int, got {window!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"LlamaConfig: backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and head (no padding in this family; GPTConfig's name)."""
+        return self.vocab_size
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "LlamaConfig":
+        """A preset (see ``LLAMA_PRESETS``) with some fields replaced."""
+        if name not in LLAMA_PRESETS:
+            raise ValueError(f"LlamaConfig: unknown preset {name!r}; presets: {', '.join(LLAMA_PRESETS)}")
+        return cls.from_dict({**LLAMA_PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "LlamaConfig":
+        """The inverse of :meth:`to_dict`; unknown keys are an error, missing ones take defaults."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"LlamaConfig: unknown fields {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def _llama3_scaling(factor: float) -> dict[str, Any]:
+    return dict(rope_type="llama3", factor=factor, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=8192)
+
+
+_LLAMA3 = dict(vocab_size=128256, context_length=131072, n_kv_head=8, rope_theta=500000.0, rms_eps=1e-5)
+_QWEN3 = dict(vocab_size=151936, context_length=40960, n_layer=28, n_head=16, n_kv_head=8, head_dim=128,
+              rope_theta=1000000.0, rms_eps=1e-6, qk_norm=True, tie_weights=True)
+
+# The published shapes (each model's config.json on the Hugging Face Hub), then CPU-sized
+# models on GPT-2's BPE (vocabulary 50257) for tests and smoke runs.
+LLAMA_PRESETS: dict[str, dict[str, Any]] = {
+    "llama3.2-1b": dict(_LLAMA3, n_layer=16, n_head=32, n_embd=2048, head_dim=64, intermediate_size=8192,
+                        rope_scaling=_llama3_scaling(32.0), tie_weights=True),
+    "llama3.2-3b": dict(_LLAMA3, n_layer=28, n_head=24, n_embd=3072, head_dim=128, intermediate_size=8192,
+                        rope_scaling=_llama3_scaling(32.0), tie_weights=True),
+    "llama3.1-8b": dict(_LLAMA3, n_layer=32, n_head=32, n_embd=4096, head_dim=128, intermediate_size=14336,
+                        rope_scaling=_llama3_scaling(8.0), tie_weights=False),
+    "qwen3-0.6b": dict(_QWEN3, n_embd=1024, intermediate_size=3072),
+    "qwen3-1.7b": dict(_QWEN3, n_embd=2048, intermediate_size=6144),
+    "llama-tiny": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=128, head_dim=32, intermediate_size=352,
+                       context_length=128, rope_theta=500000.0, rms_eps=1e-5, tie_weights=True),
+    "qwen3-tiny": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=128, head_dim=64, intermediate_size=384,
+                       context_length=128, rope_theta=1000000.0, rms_eps=1e-6, qk_norm=True, tie_weights=True),
+}
+
+
+def config_from_preset(name: str, **overrides: Any) -> "GPTConfig | LlamaConfig":
+    """The config of any preset, GPT-2 (``PRESETS``) or Llama family (``LLAMA_PRESETS``)."""
+    if name in LLAMA_PRESETS:
+        return LlamaConfig.from_preset(name, **overrides)
+    if name in PRESETS:
+        return GPTConfig.from_preset(name, **overrides)
+    raise ValueError(f"unknown preset {name!r}; presets: {', '.join([*PRESETS, *LLAMA_PRESETS])}")

@@ -23,6 +23,7 @@ from fusedgpt.hardware import add_device_arguments, choose_backend, resolve_devi
 from fusedgpt.io.checkpoint import open_checkpoint
 from fusedgpt.model.config import GPTConfig
 from fusedgpt.model.gpt import GPT, KVCache
+from fusedgpt.model.llama import Llama
 
 Tensor = torch.Tensor
 
@@ -123,8 +124,8 @@ def sample(
 
 
 def _check(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator) -> None:
-    if not isinstance(model, GPT):
-        raise TypeError(f"generate: model must be a fusedgpt GPT, got {type(model).__name__}")
+    if not isinstance(model, (GPT, Llama)):
+        raise TypeError(f"generate: model must be a fusedgpt GPT or Llama, got {type(model).__name__}")
     vocab = model.config.vocab_size
     if not isinstance(idx, Tensor) or idx.dtype != torch.long:
         raise TypeError(f"generate: idx must be an int64 torch.Tensor of token ids, got {getattr(idx, 'dtype', type(idx))}")

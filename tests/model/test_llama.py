@@ -1,0 +1,185 @@
+"""The Llama family (Llama 3, Qwen3) against ``transformers`` itself: random small models
+built here and saved to temporary directories (no network). Tiny shapes, because the
+"triton" backend runs the kernels through the interpreter."""
+
+import json
+
+import pytest
+import torch
+
+from fusedgpt.model import KVCache, Llama, LlamaConfig, from_pretrained, hf_llama
+from fusedgpt.model.generate import generate
+
+transformers = pytest.importorskip("transformers")
+
+V, T = 97, 11
+IDX = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(1))
+LLAMA3_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=16)
+
+
+def _randomise_norms(model) -> None:
+    """Norm weights away from 1, so that their mapping is checked too."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.2)
+
+
+def _save(model, tmp_path_factory, name):
+    _randomise_norms(model)
+    directory = tmp_path_factory.mktemp(name)
+    model.save_pretrained(directory)
+    return directory, model.eval()
+
+
+@pytest.fixture(scope="module")
+def hf_llama_dir(tmp_path_factory):
+    """LlamaForCausalLM: GQA 2:1, Llama 3 rope scaling (active within 64 positions), untied head."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_parameters=dict(rope_theta=500.0, **LLAMA3_SCALING), bos_token_id=0, eos_token_id=1)
+    return _save(transformers.LlamaForCausalLM(config), tmp_path_factory, "hf-llama")
+
+
+@pytest.fixture(scope="module")
+def hf_qwen3_dir(tmp_path_factory):
+    """Qwen3ForCausalLM: q/k norm, head_dim * heads != hidden, tied head."""
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, rope_parameters=dict(rope_theta=10000.0, rope_type="default"),
+        bos_token_id=0, eos_token_id=1)
+    return _save(transformers.Qwen3ForCausalLM(config), tmp_path_factory, "hf-qwen3")
+
+
+@pytest.fixture(params=["llama", "qwen3"])
+def hf_dir(request):
+    return request.getfixturevalue(f"hf_{request.param}_dir")
+
+
+def _shifted(idx):
+    return torch.cat([idx[:, 1:], torch.full((idx.shape[0], 1), -100)], dim=1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_logits_and_loss_match_transformers(hf_dir, backend):
+    directory, reference = hf_dir
+    model = from_pretrained(directory, backend=backend)
+    assert isinstance(model, Llama) and not model.training and model.config.backend == backend
+    with torch.no_grad():
+        logits, loss = model(IDX), model(IDX, _shifted(IDX))
+        expected = reference(IDX, labels=IDX)  # transformers shifts the labels itself
+    torch.testing.assert_close(logits, expected.logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(loss, expected.loss, atol=1e-5, rtol=1e-6)
+
+
+def test_config_read_from_both_layouts(hf_llama_dir, hf_qwen3_dir):
+    llama = from_pretrained(hf_llama_dir[0]).config
+    assert (llama.n_head, llama.n_kv_head, llama.head_dim, llama.qk_norm, llama.tie_weights) == (4, 2, 8, False, False)
+    assert llama.rope_theta == 500.0 and llama.rope_scaling == LLAMA3_SCALING
+    qwen = from_pretrained(hf_qwen3_dir[0]).config
+    assert (qwen.head_dim, qwen.qk_norm, qwen.tie_weights, qwen.rope_scaling) == (16, True, True, None)
+    # The Hub checkpoints' layout: top-level rope_theta and rope_scaling ("type" in older files).
+    hub = json.loads((hf_llama_dir[0] / "config.json").read_text())
+    hub.pop("rope_parameters")
+    hub.update(rope_theta=500000.0, rope_scaling={**LLAMA3_SCALING, "rope_type": None, "type": "llama3"},
+               torch_dtype="bfloat16")
+    hub["rope_scaling"].pop("rope_type")
+    config = hf_llama.config_from_hf(hub)
+    assert config.rope_theta == 500000.0 and config.rope_scaling == LLAMA3_SCALING
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}, "rope_type 'yarn'"),
+    ("attention_bias", True, "attention_bias=True"),
+    ("mlp_bias", True, "mlp_bias=True"),
+    ("hidden_act", "gelu", "hidden_act='gelu'"),
+    ("layer_types", ["full_attention", "sliding_attention"], "layer_types"),
+    ("model_type", "mistral", "model_type='mistral'"),
+])
+def test_unsupported_config_fields_are_named(hf_llama_dir, field, value, message):
+    hf_config = json.loads((hf_llama_dir[0] / "config.json").read_text())
+    hf_config[field] = value
+    with pytest.raises(ValueError, match=message):
+        hf_llama.config_from_hf(hf_config)
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(hf_llama_dir, tmp_path):
+    directory = tmp_path / "wrong-vocab"
+    directory.mkdir()
+    hf_config = json.loads((hf_llama_dir[0] / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**hf_config, "vocab_size": V + 3}))
+    (directory / "model.safetensors").write_bytes((hf_llama_dir[0] / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="do not belong together"):
+        from_pretrained(directory)
+
+
+@pytest.mark.parametrize("shard_bytes", [2**30, 20_000])
+def test_save_pretrained_back_to_transformers(hf_dir, tmp_path, shard_bytes):
+    directory, reference = hf_dir
+    model = from_pretrained(directory, backend="torch")
+    model.save_pretrained(tmp_path, max_shard_bytes=shard_bytes)
+    sharded = (tmp_path / "model.safetensors.index.json").is_file()
+    assert sharded == (shard_bytes < 2**30) and sharded != (tmp_path / "model.safetensors").is_file()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is type(reference)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDX).logits, reference(IDX).logits, atol=1e-5, rtol=0)
+    again = from_pretrained(tmp_path, backend="torch")
+    assert again.config == model.config
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cached_greedy_generation_matches_transformers(hf_dir, backend):
+    directory, reference = hf_dir
+    model = from_pretrained(directory, backend=backend)
+    prompt = IDX[:, :5]
+    with torch.no_grad():
+        expected = reference.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    assert torch.equal(generate(model, prompt, 8, temperature=0), expected)
+    assert torch.equal(generate(model, prompt, 8, temperature=0, use_cache=False), expected)
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "qwen3-tiny"])
+def test_tiny_presets_train_and_the_cache_is_sized_by_kv_heads(preset):
+    torch.manual_seed(0)
+    config = LlamaConfig.from_preset(preset, backend="torch", vocab_size=V, context_length=32)
+    model = Llama(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    idx = torch.randint(0, V, (4, 17), generator=torch.Generator().manual_seed(2))
+    losses = []
+    for _ in range(8):
+        loss = model(idx[:, :-1], idx[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+    cache = KVCache(32)
+    with torch.no_grad():
+        model(idx[:, :6], cache=cache)
+    assert cache._keys[0].shape == (4, config.n_kv_head, 32, config.head_dim)
+
+
+@pytest.mark.parametrize("preset, total, non_embedding", [
+    ("llama3.2-1b", 1_235_814_400, None),
+    ("llama3.2-3b", 3_212_749_824, None),
+    ("llama3.1-8b", 8_030_261_248, None),
+    # The Qwen3 model cards give non-embedding counts to the digits written: 0.44B, 1.4B.
+    ("qwen3-0.6b", None, "0.44"),
+    ("qwen3-1.7b", None, "1.4"),
+])
+def test_published_presets_have_their_parameter_counts(preset, total, non_embedding):
+    with torch.device("meta"):  # the shapes without the memory
+        model = Llama(LlamaConfig.from_preset(preset))
+    if total is not None:
+        assert model.num_parameters() == total
+    else:
+        digits = len(non_embedding.split(".")[1])
+        assert f"{model.num_parameters(non_embedding=True) / 1e9:.{digits}f}" == non_embedding
