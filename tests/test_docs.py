@@ -11,6 +11,8 @@
 - ``toml`` blocks named by a ``# NAME.toml`` first line are read as ``fusedgpt train
   --config NAME.toml``.
 - ``text`` blocks are transcripts and tables and are not run.
+
+And every relative link of those pages points at something that exists.
 """
 
 from __future__ import annotations
@@ -94,6 +96,17 @@ def test_the_readme_opens_with_install_test_and_the_main_job():
 
 def test_the_readme_stays_short():
     assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 200
+
+
+def test_every_relative_link_points_at_a_file_or_directory():
+    broken = []
+    for path in DOC_FILES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue  # a URL or an anchor on the same page
+            if not (path.parent / target.split("#")[0]).exists():
+                broken.append(f"{path.relative_to(ROOT)}: {target}")
+    assert not broken, broken
 
 
 # ------------------------------------------------------------------------------ python
