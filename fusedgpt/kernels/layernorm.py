@@ -81,10 +81,19 @@ def _load_weight(W, cols, mask, weight_offset):
 
 
 @triton.jit
-def _normalize_and_store(x, mean, rstd, W, B, Y, y_row, cols, mask, weight_offset, HAS_BIAS: tl.constexpr):
-    y = (x - mean) * rstd * _load_weight(W, cols, mask, weight_offset)
+def _load_affine(W, B, cols, mask, weight_offset, HAS_BIAS: tl.constexpr):
+    """fp32 ``(w + offset, b)`` for a chunk of columns (``b`` is ``w`` itself, unused,
+    without a bias)."""
+    w = _load_weight(W, cols, mask, weight_offset)
+    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32) if HAS_BIAS else w
+    return w, b
+
+
+@triton.jit
+def _normalize_and_store(x, mean, rstd, w, b, Y, y_row, cols, mask, HAS_BIAS: tl.constexpr):
+    y = (x - mean) * rstd * w
     if HAS_BIAS:
-        y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        y += b
     tl.store(Y + y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -92,70 +101,84 @@ def _normalize_and_store(x, mean, rstd, W, B, Y, y_row, cols, mask, weight_offse
 def _layer_norm_fwd_kernel(
     X, R, W, B, Y, S, MEAN, RSTD,
     stride_x, stride_r, stride_y, stride_s,
-    N, eps, weight_offset,
+    M, N, eps, weight_offset,
     BLOCK_N: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
     CENTERED: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    x_row, r_row, y_row, s_row = row * stride_x, row * stride_r, row * stride_y, row * stride_s
+    # Persistent: program p normalises rows p, p + G, p + 2G, ... With one block per row
+    # the weight and bias are loaded once per program, before the loop, so the loop moves
+    # only the rows themselves.
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     if ONE_BLOCK:
         mask = cols < N
-        x = _load_input(X, R, S, x_row, r_row, s_row, cols, mask, HAS_RESIDUAL)
-        if CENTERED:
-            mean = tl.sum(x, axis=0) / N
-            deviation = tl.where(mask, x - mean, 0.0)
-        else:
-            mean = 0.0
-            deviation = x  # masked columns loaded as 0
-        rstd = 1.0 / tl.sqrt(tl.sum(deviation * deviation, axis=0) / N + eps)
-        _normalize_and_store(x, mean, rstd, W, B, Y, y_row, cols, mask, weight_offset, HAS_BIAS)
-    else:
-        # Pass 1: the sum of squared deviations. LayerNorm merges per-chunk means and
-        # deviations (Chan et al.), which stays accurate where sum(x^2) - N mean^2 would
-        # cancel; RMSNorm's deviations are from 0, so it just sums squares.
-        mean = 0.0
-        m2 = 0.0
-        count = 0.0
-        for start in range(0, N, BLOCK_N):
-            mask = start + cols < N
-            x = _load_input(X, R, S, x_row, r_row, s_row, start + cols, mask, HAS_RESIDUAL)
+        w, b = _load_affine(W, B, cols, mask, weight_offset, HAS_BIAS)
+        inv_n = 1.0 / N  # one division per program; the loop multiplies
+        for row in range(pid, M, num_programs):
+            row64 = tl.cast(row, tl.int64)
+            x = _load_input(X, R, S, row64 * stride_x, row64 * stride_r, row64 * stride_s, cols, mask, HAS_RESIDUAL)
             if CENTERED:
-                chunk_count = tl.minimum(N - start, BLOCK_N).to(tl.float32)
-                chunk_mean = tl.sum(x, axis=0) / chunk_count
-                deviation = tl.where(mask, x - chunk_mean, 0.0)
-                delta = chunk_mean - mean
-                total = count + chunk_count
-                mean += delta * chunk_count / total
-                m2 += tl.sum(deviation * deviation, axis=0) + delta * delta * count * chunk_count / total
-                count = total
+                mean = tl.sum(x, axis=0) * inv_n
+                deviation = tl.where(mask, x - mean, 0.0)
             else:
-                m2 += tl.sum(x * x, axis=0)
-        rstd = 1.0 / tl.sqrt(m2 / N + eps)
-        # Pass 2: normalise; with a residual, read back the rounded sum stored in pass 1.
-        for start in range(0, N, BLOCK_N):
-            mask = start + cols < N
-            if HAS_RESIDUAL:
-                x = tl.load(S + s_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-            else:
-                x = tl.load(X + x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-            _normalize_and_store(x, mean, rstd, W, B, Y, y_row, start + cols, mask, weight_offset, HAS_BIAS)
-    if CENTERED:
-        tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+                mean = 0.0
+                deviation = x  # masked columns loaded as 0
+            rstd = tl.math.rsqrt(tl.sum(deviation * deviation, axis=0) * inv_n + eps)
+            _normalize_and_store(x, mean, rstd, w, b, Y, row64 * stride_y, cols, mask, HAS_BIAS)
+            if CENTERED:
+                tl.store(MEAN + row64, mean)
+            tl.store(RSTD + row64, rstd)
+    else:
+        for row in range(pid, M, num_programs):
+            row64 = tl.cast(row, tl.int64)
+            x_row, r_row, y_row, s_row = row64 * stride_x, row64 * stride_r, row64 * stride_y, row64 * stride_s
+            # Pass 1: the sum of squared deviations. LayerNorm merges per-chunk means and
+            # deviations (Chan et al.), which stays accurate where sum(x^2) - N mean^2
+            # would cancel; RMSNorm's deviations are from 0, so it just sums squares.
+            mean = 0.0
+            m2 = 0.0
+            count = 0.0
+            for start in range(0, N, BLOCK_N):
+                mask = start + cols < N
+                x = _load_input(X, R, S, x_row, r_row, s_row, start + cols, mask, HAS_RESIDUAL)
+                if CENTERED:
+                    chunk_count = tl.minimum(N - start, BLOCK_N).to(tl.float32)
+                    chunk_mean = tl.sum(x, axis=0) / chunk_count
+                    deviation = tl.where(mask, x - chunk_mean, 0.0)
+                    delta = chunk_mean - mean
+                    total = count + chunk_count
+                    mean += delta * chunk_count / total
+                    m2 += tl.sum(deviation * deviation, axis=0) + delta * delta * count * chunk_count / total
+                    count = total
+                else:
+                    m2 += tl.sum(x * x, axis=0)
+            rstd = tl.math.rsqrt(m2 / N + eps)
+            # Pass 2: normalise; with a residual, read back the rounded sum stored in pass 1.
+            for start in range(0, N, BLOCK_N):
+                mask = start + cols < N
+                if HAS_RESIDUAL:
+                    x = tl.load(S + s_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+                else:
+                    x = tl.load(X + x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+                w, b = _load_affine(W, B, start + cols, mask, weight_offset, HAS_BIAS)
+                _normalize_and_store(x, mean, rstd, w, b, Y, y_row, start + cols, mask, HAS_BIAS)
+            if CENTERED:
+                tl.store(MEAN + row64, mean)
+            tl.store(RSTD + row64, rstd)
 
 
 @triton.jit
 def _input_grad_terms(DY, X, dy_row, x_row, cols, mask, w, mean, rstd):
-    """fp32 (dy, xhat, w * dy) for one chunk of a row, zero outside the mask; ``w`` is the
-    chunk's loaded ``weight + offset``."""
+    """fp32 (dy, xhat, w * dy) for one chunk of a row; ``w`` is the chunk's loaded
+    ``weight + offset``. Outside the mask dy and w * dy are 0, so xhat (not 0 there) adds
+    nothing to the row's sums nor to dw, and is never stored."""
     dy = tl.load(DY + dy_row + cols, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(X + x_row + cols, mask=mask, other=0.0).to(tl.float32)
-    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-    return dy, xhat, w * dy
+    return dy, (x - mean) * rstd, w * dy
 
 
 @triton.jit
@@ -199,12 +222,13 @@ def _layer_norm_bwd_kernel(
         w = _load_weight(W, cols, mask, weight_offset)  # once for all of this program's rows
         dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        inv_n = 1.0 / N
         for row in range(pid, M, num_programs):
             row64 = tl.cast(row, tl.int64)
             mean, rstd = _row_stats(MEAN, RSTD, row64, CENTERED)
             dy, xhat, g = _input_grad_terms(DY, X, row64 * stride_dy, row64 * stride_x, cols, mask, w, mean, rstd)
-            c1 = tl.sum(g * xhat, axis=0) / N
-            c2 = tl.sum(g, axis=0) / N if CENTERED else 0.0
+            c1 = tl.sum(g * xhat, axis=0) * inv_n
+            c2 = tl.sum(g, axis=0) * inv_n if CENTERED else 0.0
             _store_input_grad(DX, DSUM, DBRANCH, row64 * stride_dx, row64 * stride_dsum, row64 * stride_dbranch,
                               cols, mask, g, xhat, c1, c2, rstd, HAS_DSUM, HAS_DBRANCH)
             dw_acc += dy * xhat
@@ -260,6 +284,16 @@ def block_config(n: int) -> tuple[int, int, bool]:
     return block_n, num_warps, n <= MAX_BLOCK_N
 
 
+def resident_programs(device: torch.device, rows: int, num_warps: int) -> int:
+    """How many programs a persistent row loop launches: as many as the GPU holds at once
+    (64 warps per SM on sm_80 and sm_90), at most one per row. Off CUDA (the interpreter,
+    meta tensors) a few, as for the backward's reduction."""
+    if device.type != "cuda":
+        return _backend.num_programs_for_reduction(device, rows)
+    per_sm = max(1, 64 // num_warps)
+    return max(1, min(rows, per_sm * torch.cuda.get_device_properties(device).multi_processor_count))
+
+
 def launch_configs() -> list[tuple[int, int, bool]]:
     """Every ``block_config`` the launchers can pick (for the compile report)."""
     sizes = [128 << i for i in range((MAX_BLOCK_N // 128).bit_length())]
@@ -287,12 +321,12 @@ def layer_norm_forward(
         return y, summed, mean, rstd
     block_n, num_warps, one_block = block_config(n)
     # Absent optional tensors are never read (the constexpr flags are off); others stand in.
-    _layer_norm_fwd_kernel[(m,)](
+    _layer_norm_fwd_kernel[(resident_programs(x.device, m, num_warps),)](
         x, residual if residual is not None else x, weight, bias if bias is not None else weight,
         y, summed if residual is not None else y, mean if centered else rstd, rstd,
         x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
         summed.stride(0) if residual is not None else 0,
-        n, eps, weight_offset,
+        m, n, eps, weight_offset,
         BLOCK_N=block_n, ONE_BLOCK=one_block, CENTERED=centered,
         HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
         num_warps=num_warps,
@@ -528,12 +562,16 @@ def add_layer_norm(
 
 
 def norm_variants(op: str, dtype: torch.dtype, workload, centered: bool) -> list:
-    """The compile report's builds of the norms a pre-norm model of ``workload`` runs in
-    training (``centered``: LayerNorm, else RMSNorm), recorded from the launchers on meta
-    tensors: rows of ``workload.channels`` features, an fp32 residual stream and fp32
-    weights, outputs in ``dtype`` as under autocast. Forward and backward of the first
-    block's norm of the stream alone, and of the add + norm of every later one (where half
-    dtypes also write the branch's gradient in its own dtype)."""
+    """The compile report's builds of a norm (``centered``: LayerNorm, else RMSNorm) at
+    ``workload``'s width, recorded from the launchers on meta tensors, forward and backward:
+
+    - the norm alone on rows, weight and bias all in ``dtype``: what the peers' kernels
+      run, so the one compared with them (a pre-norm model's first norm runs this kernel
+      on its fp32 stream);
+    - the add + norm of every later block of a pre-norm model as it trains under autocast:
+      a ``dtype`` branch added to the fp32 residual stream, fp32 weights, ``normed`` in
+      ``dtype`` (half dtypes also write the branch's gradient in its own dtype).
+    """
     import dataclasses
     import sys
 
@@ -542,31 +580,36 @@ def norm_variants(op: str, dtype: torch.dtype, workload, centered: bool) -> list
     m, n = workload.tokens, workload.channels
     item = torch.empty((), dtype=dtype).element_size()
     mixed = dtype != torch.float32
-    branch, dy = cr.meta_tensor(m, n, dtype=dtype), cr.meta_tensor(m, n, dtype=dtype)
-    stream, weight = cr.meta_tensor(m, n, dtype=torch.float32), cr.meta_tensor(n, dtype=torch.float32)
-    bias = weight if centered else None
+    stats = (8 if centered else 4) / n  # the fp32 mean and rstd of each row, per element
     rstd = cr.meta_tensor(m, dtype=torch.float32)
     mean = rstd if centered else rstd[:0]
     module = sys.modules[__name__]
     found = []
     for has_residual in (False, True):
-        x, residual = (branch, stream) if has_residual else (stream, None)
+        stream_dtype = torch.float32 if has_residual else dtype
+        rows, dy = cr.meta_tensor(m, n, dtype=stream_dtype), cr.meta_tensor(m, n, dtype=dtype)
+        weight = cr.meta_tensor(n, dtype=stream_dtype)
+        bias = weight if centered else None
+        x, residual = (cr.meta_tensor(m, n, dtype=dtype), rows) if has_residual else (rows, None)
         with cr.launches(module, "_layer_norm_fwd_kernel") as forward:
             layer_norm_forward(x, residual, weight, bias, 1e-5, centered, 0.0, dtype)
         with cr.launches(module, "_layer_norm_bwd_kernel") as backward:
-            layer_norm_backward(dy, stream, weight, mean, rstd, stream if has_residual else None, centered, 0.0,
+            layer_norm_backward(dy, rows, weight, mean, rstd, rows if has_residual else None, centered, 0.0,
                                 centered, dtype if has_residual and mixed else None)
         # Minimum bytes per element. Forward: read x (and the stream), write the output (and
-        # the sum). Backward: read dy, the normalised stream (and d summed), write the
-        # stream's gradient (and the branch's, in its dtype).
-        min_bytes = {"fwd": (2 * item + 8) if has_residual else (4 + item),
-                     "bwd": (item + 12 + (item if mixed else 0)) if has_residual else (item + 8)}
+        # the sum). Backward: read dy and the normalised rows (and d summed), write their
+        # gradient (and the branch's, in its dtype).
+        if has_residual:
+            min_bytes = {"fwd": 2 * item + 8 + stats, "bwd": item + 12 + (item if mixed else 0) + stats}
+        else:
+            min_bytes = {"fwd": 2 * item + stats, "bwd": 3 * item + stats}
         for pass_, launch in (("fwd", forward[0]), ("bwd", backward[0])):
-            one_row = launch.args["ONE_BLOCK"] and pass_ == "fwd"  # no loop: a program does one row
+            # Both loop over rows; a row wider than one block is a loop over BLOCK_N chunks.
+            per_iteration = n if launch.args["ONE_BLOCK"] else launch.args["BLOCK_N"]
             variant = cr.jit_variant(
                 op, pass_, launch, workload=workload,
                 show=("BLOCK_N", "ONE_BLOCK", "HAS_RESIDUAL" if pass_ == "fwd" else "HAS_DSUM"),
-                work=cr.Work("element", n if one_row else launch.args["BLOCK_N"], min_bytes[pass_], loops="sequence"),
+                work=cr.Work("element", per_iteration, min_bytes[pass_], loops="sequence"),
             )
             # Labelled by the activations' dtype, although the first tensor may be the stream.
             found.append(dataclasses.replace(variant, config={**variant.config, "dtype": str(dtype).removeprefix("torch.")}))
@@ -574,36 +617,7 @@ def norm_variants(op: str, dtype: torch.dtype, workload, centered: bool) -> list
 
 
 def aot_variants(dtype: torch.dtype, workload=None) -> list:
-    """The launches a training step of ``workload`` (default gpt2) makes, on (tokens,
-    channels) rows of ``dtype`` with fp32 weight and bias: the forward with and without the
-    residual add, the backward with and without the residual-stream gradient. Recorded
-    from the launchers themselves, called on meta tensors (see compile_report)."""
-    import sys
-
+    """LayerNorm at ``workload``'s width (default gpt2): see :func:`norm_variants`."""
     from fusedgpt.kernels import compile_report as cr
 
-    workload = workload or cr.WORKLOADS["gpt2"]
-    m, n = workload.tokens, workload.channels
-    item = torch.empty((), dtype=dtype).element_size()
-    rows = lambda: cr.meta_tensor(m, n, dtype=dtype)  # noqa: E731
-    weight, bias = cr.meta_tensor(n, dtype=torch.float32), cr.meta_tensor(n, dtype=torch.float32)
-    found = []
-    for residual in (False, True):
-        with cr.launches(sys.modules[__name__], "_layer_norm_fwd_kernel") as forward:
-            _, _, mean, rstd = layer_norm_forward(rows(), rows() if residual else None, weight, bias, 1e-5,
-                                                  True, 0.0, dtype)
-        with cr.launches(sys.modules[__name__], "_layer_norm_bwd_kernel") as backward:
-            layer_norm_backward(rows(), rows(), weight, mean, rstd, rows() if residual else None, True, 0.0, True, None)
-        # Bytes a pass must move per element: the rows read and written, plus fp32 mean
-        # and rstd per row.
-        for pass_, launch, tensors in (("fwd", forward[0], 2 + 2 * residual), ("bwd", backward[0], 3 + residual)):
-            block_n = launch.args["BLOCK_N"]
-            # One block per row: the forward has no loop (a program does the row); the
-            # backward loops over rows. Wider rows loop over BLOCK_N-wide chunks.
-            per_iteration = n if launch.args["ONE_BLOCK"] else block_n
-            found.append(cr.jit_variant(
-                "layernorm", pass_, launch, workload=workload,
-                work=cr.Work("element", per_iteration, tensors * item + 8 / n, loops="sequence"),
-                show=("BLOCK_N", "ONE_BLOCK", "HAS_RESIDUAL" if pass_ == "fwd" else "HAS_DSUM"),
-            ))
-    return found
+    return norm_variants("layernorm", dtype, workload or cr.WORKLOADS["gpt2"], centered=True)

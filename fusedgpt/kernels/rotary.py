@@ -356,9 +356,10 @@ def aot_variants(dtype: torch.dtype, workload=None) -> list:
     with cr.launches(module, "_rotary_kernel") as backward:
         rotary_forward(dq, dk, cos, sin, None, False, True)
     # Per element of q or k: read once, written once. Each iteration of a head loop turns
-    # BLOCK_H heads of D features; q's and k's heads go through one loop each.
+    # up to BLOCK_H heads of D features (masked past the last head); q's and k's heads go
+    # through one loop each.
     return [
         cr.jit_variant("rotary", pass_, launch, workload=workload, show=("BLOCK_H", "BLOCK_HALF", "INVERSE"),
-                       work=cr.Work("element", launch.args["BLOCK_H"] * d, 2 * item))
+                       work=cr.Work("element", min(launch.args["BLOCK_H"], h) * d, 2 * item))
         for pass_, launch in (("fwd", forward[0]), ("bwd", backward[0]))
     ]
