@@ -10,6 +10,9 @@ through tiktoken's Rust core; this module only supplies the ranks.
   the split pattern (merges never cross a chunk boundary, so " the" and "the," stay apart),
   and the most frequent adjacent pair of tokens is merged until the vocabulary is full.
 - ``save_bpe(bpe, path)`` writes it; ``get_tokenizer(path)`` reads it back.
+- ``get_tokenizer(directory)`` reads a model directory's byte-level BPE (Llama 3's
+  ``tokenizer.model`` ranks, or a ``tokenizer.json`` such as Qwen's): see
+  :func:`load_model_tokenizer` for exactly what is supported.
 
 File format, as written by :func:`save_bpe`:
 
@@ -95,9 +98,10 @@ def get_tokenizer(name_or_path: PathLike = "gpt2") -> tiktoken.Encoding:
 
     Args:
         name_or_path: ``"gpt2"`` for GPT-2's encoding, built from the bundled ranks (the
-            name wins over a file called ``gpt2`` in the working directory); otherwise the
-            path of a ranks file written by :func:`save_bpe`, or any tiktoken-format ranks
-            file (read with GPT-2's conventions when it has no ``.json`` sidecar).
+            name wins over a file called ``gpt2`` in the working directory); the path
+            of a ranks file written by :func:`save_bpe`, or any tiktoken-format ranks
+            file (read with GPT-2's conventions when it has no ``.json`` sidecar); or a model
+            directory (Llama 3, Qwen3, ...: see :func:`load_model_tokenizer`).
 
     Returns:
         A ``tiktoken.Encoding``. For ``"gpt2"`` it has the name, split pattern, ranks and
@@ -116,11 +120,12 @@ def get_tokenizer(name_or_path: PathLike = "gpt2") -> tiktoken.Encoding:
     if name_or_path == "gpt2":
         return _gpt2_encoding()
     path = Path(name_or_path)
+    if path.is_dir():
+        return load_model_tokenizer(path)
     if not path.is_file():
-        what = "is a directory, not a file" if path.is_dir() else "does not exist"
         raise FileNotFoundError(
-            f"get_tokenizer: {str(path)!r} {what}; pass 'gpt2' for GPT-2's encoding or the path "
-            "of a ranks file written by save_bpe"
+            f"get_tokenizer: {str(path)!r} does not exist; pass 'gpt2' for GPT-2's encoding, the path "
+            "of a ranks file written by save_bpe, or a model directory with a tokenizer"
         )
     data = path.read_bytes()
     ranks = parse_ranks(data, source=str(path))
@@ -265,6 +270,165 @@ def _make_encoding(
         special_tokens=special_tokens,
         explicit_n_vocab=len(ranks) + len(special_tokens),
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Model directories (Llama 3, Qwen, GPT-2 style byte-level BPEs)
+
+# Llama 3's split pattern (its tokenizer.py): case-insensitive contractions, letter runs
+# with one leading non-letter, numbers in groups of at most three digits, punctuation runs,
+# newlines, then other whitespace.
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_NAMED_SPECIAL_TOKENS = (
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
+    "<|eot_id|>", "<|python_tag|>",
+)
+LLAMA3_N_SPECIAL_TOKENS = 256
+
+
+def llama3_special_tokens(n_ranks: int) -> dict[str, int]:
+    """The 256 special tokens of Llama 3.1+'s reference tokenizer (meta-llama/llama-models: 11
+    named, then reserved 2..246), ids from ``n_ranks`` on. Hugging Face's files name some
+    differently; their ``tokenizer_config.json`` wins where present."""
+    reserved = (f"<|reserved_special_token_{2 + i}|>"
+                for i in range(LLAMA3_N_SPECIAL_TOKENS - len(LLAMA3_NAMED_SPECIAL_TOKENS)))
+    return {token: n_ranks + i for i, token in enumerate((*LLAMA3_NAMED_SPECIAL_TOKENS, *reserved))}
+
+
+def load_model_tokenizer(directory: PathLike) -> tiktoken.Encoding:
+    """The tokenizer of a model directory, as a ``tiktoken.Encoding``.
+
+    Supported, tried in this order:
+
+    - ``tokenizer.json`` (Hugging Face ``tokenizers``) holding a byte-level BPE: model type
+      ``BPE`` without ``byte_fallback``, a ``ByteLevel`` pre-tokenizer without
+      ``add_prefix_space`` (alone: GPT-2's split pattern; or after one ``Split`` regex, as
+      Llama 3 and Qwen2/Qwen3 have), no normalizer or ``NFC``, and a vocabulary in merge
+      order: every token past the 256 bytes is made by a merge, and merges' ids rise with
+      their rank (then tiktoken's lowest-rank-first merging is the BPE's). Its
+      ``added_tokens`` become special tokens with their ids.
+    - ``tokenizer.model`` in tiktoken's base64 ranks format (Llama 3's original files): Llama
+      3's split pattern; special tokens from ``tokenizer_config.json``'s
+      ``added_tokens_decoder`` when present, else Llama 3.1's 256.
+
+    Not supported: SentencePiece ``tokenizer.model`` files (Llama 1/2, protobuf), WordPiece
+    or Unigram models, and any other normalizer. Differences to ``transformers``' tokenizer:
+    no BOS token is prepended (add ``<|begin_of_text|>`` yourself where the model wants it);
+    added tokens are split out of the text only with ``encode(text, allowed_special="all")``;
+    with an ``NFC`` normalizer the text is not normalised here, so ids agree for NFC text.
+
+    Raises:
+        FileNotFoundError: neither file is in ``directory``.
+        TokenizerFileError: naming the file and what in it is not supported.
+    """
+    directory = Path(directory)
+    hf_path, ranks_path = directory / "tokenizer.json", directory / "tokenizer.model"
+    if hf_path.is_file():
+        return _hf_byte_level_bpe(hf_path)
+    if ranks_path.is_file():
+        data = ranks_path.read_bytes()
+        if not data[:1].isalnum() and not data.startswith((b"+", b"/")):
+            raise TokenizerFileError(f"{ranks_path} is not a tiktoken ranks file (a SentencePiece model? not supported)")
+        ranks = parse_ranks(data, source=str(ranks_path))
+        special = _added_tokens_decoder(directory / "tokenizer_config.json") or llama3_special_tokens(len(ranks))
+        return tiktoken.Encoding(directory.name or "llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+                                 special_tokens=special)
+    raise FileNotFoundError(f"{directory} has neither tokenizer.json nor tokenizer.model")
+
+
+def _added_tokens_decoder(path: Path) -> dict[str, int]:
+    if not path.is_file():
+        return {}
+    try:
+        decoder = json.loads(path.read_bytes()).get("added_tokens_decoder", {})
+        return {entry["content"]: int(token_id) for token_id, entry in decoder.items()}
+    except (ValueError, AttributeError, KeyError, TypeError) as exc:
+        raise TokenizerFileError(f"{path}: added_tokens_decoder is not an object of {{id: {{'content': ...}}}}") from exc
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet reversed: the printable character standing for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(N_BYTES) if b not in printable]
+    chars = {b: chr(b) for b in printable} | {b: chr(N_BYTES + i) for i, b in enumerate(shifted)}
+    return {char: b for b, char in chars.items()}
+
+
+def _hf_byte_level_bpe(path: Path) -> tiktoken.Encoding:
+    try:
+        spec = json.loads(path.read_bytes())
+        model = spec["model"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TokenizerFileError(f"{path}: not a tokenizers JSON file ({exc})") from exc
+
+    def refuse(what: str) -> TokenizerFileError:
+        return TokenizerFileError(f"{path}: {what} is not supported (only byte-level BPEs, see load_model_tokenizer)")
+
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise refuse(f"model type {model.get('type')!r}" + (" with byte_fallback" if model.get("byte_fallback") else ""))
+    if (spec.get("normalizer") or {}).get("type", "NFC") != "NFC":
+        raise refuse(f"normalizer {spec['normalizer'].get('type')!r}")
+    pattern = _split_pattern(spec.get("pre_tokenizer") or {}, refuse)
+    # Added tokens (GPT-2 keeps <|endoftext|> in its vocabulary too) are special, not ranks.
+    special = {entry["content"]: entry["id"] for entry in spec.get("added_tokens", [])}
+    vocab = {token: rank for token, rank in model["vocab"].items() if token not in special}
+    decode = _byte_decoder()
+    try:
+        ranks = {bytes(decode[c] for c in token): rank for token, rank in vocab.items()}
+    except KeyError as exc:
+        raise refuse(f"a vocabulary token with the character {exc} outside the byte-level alphabet") from None
+    missing = [b for b in range(N_BYTES) if bytes([b]) not in ranks]
+    if missing:
+        raise refuse(f"a vocabulary without the byte {missing[0]:#04x} as a token")
+    _check_merge_order(model.get("merges", []), vocab, path)
+    return tiktoken.Encoding(path.parent.name or "tokenizer", pat_str=pattern, mergeable_ranks=ranks,
+                             special_tokens=special)
+
+
+def _split_pattern(pre_tokenizer: dict, refuse) -> str:
+    """The split regex of a ``ByteLevel`` pre-tokenizer, alone or after one ``Split``."""
+    steps = pre_tokenizer.get("pretokenizers", [pre_tokenizer]) if pre_tokenizer.get("type") == "Sequence" else [pre_tokenizer]
+    kinds = [step.get("type") for step in steps]
+    if kinds not in (["ByteLevel"], ["Split", "ByteLevel"]):
+        raise refuse(f"pre-tokenizer {kinds}")
+    byte_level = steps[-1]
+    if byte_level.get("add_prefix_space"):
+        raise refuse("ByteLevel add_prefix_space")
+    if kinds == ["ByteLevel"]:
+        if not byte_level.get("use_regex", True):
+            raise refuse("ByteLevel without a split regex")
+        return GPT2_PATTERN
+    split = steps[0]
+    if byte_level.get("use_regex") or split.get("behavior") != "Isolated" or split.get("invert"):
+        raise refuse(f"Split {split.get('behavior')!r} (invert={split.get('invert')}) before ByteLevel")
+    regex_pattern = (split.get("pattern") or {}).get("Regex")
+    if not isinstance(regex_pattern, str):
+        raise refuse("a Split pattern that is not a regex")
+    return regex_pattern
+
+
+def _check_merge_order(merges: list, vocab: dict[str, int], path: Path) -> None:
+    """tiktoken merges the pair whose joined bytes have the lowest rank; that is the BPE's
+    merge order when every merge's result has a higher id than the merges before it."""
+    previous = -1
+    made = set()
+    for i, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        token_id = vocab.get(left + right)
+        if token_id is None or token_id <= previous:
+            raise TokenizerFileError(f"{path}: merges[{i}] = {left!r} + {right!r} makes id {token_id}, not above the "
+                                     f"previous merge's {previous}: the vocabulary is not in merge order (not supported)")
+        previous = token_id
+        made.add(token_id)
+    unmade = [t for t, token_id in vocab.items() if len(t) > 1 and token_id not in made]
+    if unmade:
+        raise TokenizerFileError(f"{path}: {len(unmade)} vocabulary tokens are made by no merge (first {unmade[0]!r}); "
+                                 "not supported")
 
 
 # ---------------------------------------------------------------------------------------

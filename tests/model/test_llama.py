@@ -183,3 +183,127 @@ def test_published_presets_have_their_parameter_counts(preset, total, non_embedd
     else:
         digits = len(non_embedding.split(".")[1])
         assert f"{model.num_parameters(non_embedding=True) / 1e9:.{digits}f}" == non_embedding
+
+
+# --------------------------------------------------------------------------- tokenizers
+# Small byte-level BPEs trained here, written as a model directory's files, read back, and
+# compared with Hugging Face's own ``tokenizers`` reading the same tokenizer.json.
+
+TEXTS = [
+    "Hello world! It's 2024: we'll see 123456789 apples, don't you think?\n\n  Indented\tline\r\nend",
+    "Ünïcödé — naïve café, 東京, emoji 🙂 and <|eot_id|> inside text",
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def small_bpe():
+    from fusedgpt.model.tokenizer import LLAMA3_PATTERN, shakespeare_path, train_bpe
+
+    text = shakespeare_path().read_text()[:60_000] + " ".join(TEXTS[:2])
+    return train_bpe(text, 600, special_tokens=(), pattern=LLAMA3_PATTERN)
+
+
+def _tokenizer_json(bpe, added, *, normalizer=None, merges_as_pairs=False, gpt2_split=False):
+    from fusedgpt.model.tokenizer import _byte_decoder
+
+    to_char = {b: c for c, b in _byte_decoder().items()}
+    text = lambda token: "".join(to_char[b] for b in token)  # noqa: E731
+    merges = [(text(a), text(b)) for a, b in bpe.merges]
+    return {
+        "version": "1.0",
+        "added_tokens": [dict(id=token_id, content=token, special=True, single_word=False, lstrip=False,
+                              rstrip=False, normalized=False) for token, token_id in added.items()],
+        "normalizer": normalizer,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+        if gpt2_split else {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": bpe.pattern}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {text(token): rank for token, rank in bpe.ranks.items()},
+                  "merges": [list(m) for m in merges] if merges_as_pairs else [" ".join(m) for m in merges]},
+    }
+
+
+@pytest.mark.parametrize("normalizer, merges_as_pairs, gpt2_split", [
+    (None, False, False),  # Llama 3's layout: a Split regex, then ByteLevel
+    ({"type": "NFC"}, True, False),  # Qwen's: NFC, merges as pairs (newer tokenizers)
+    (None, False, True),  # GPT-2's: ByteLevel with its own regex
+])
+def test_tokenizer_json_encodes_as_hugging_face_does(small_bpe, tmp_path, normalizer, merges_as_pairs, gpt2_split):
+    from tokenizers import Tokenizer
+
+    from fusedgpt.model.tokenizer import get_tokenizer
+
+    names = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+    added = {name: small_bpe.n_vocab + i for i, name in enumerate(names)}
+    spec = _tokenizer_json(small_bpe, added, normalizer=normalizer, merges_as_pairs=merges_as_pairs,
+                           gpt2_split=gpt2_split)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    ours, theirs = get_tokenizer(tmp_path), Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    for text in TEXTS:
+        ids = ours.encode(text, allowed_special="all")
+        assert ids == theirs.encode(text, add_special_tokens=False).ids
+        assert ours.decode(ids) == text
+    assert ours.encode("<|eot_id|>", allowed_special="all") == [added["<|eot_id|>"]]
+    assert len(ours.encode(TEXTS[0])) < 0.7 * len(TEXTS[0].encode())  # the merges are used
+
+
+def test_tokenizer_model_ranks_with_llama3_special_tokens(small_bpe, tmp_path):
+    from fusedgpt.model.tokenizer import get_tokenizer, save_bpe
+
+    save_bpe(small_bpe, tmp_path / "tokenizer.model").with_name("tokenizer.model.json").unlink()
+    tokenizer = get_tokenizer(tmp_path)
+    n = len(small_bpe.ranks)
+    assert tokenizer.n_vocab == n + 256
+    special = tokenizer._special_tokens
+    assert (special["<|begin_of_text|>"], special["<|eot_id|>"], special["<|reserved_special_token_246|>"]) == (
+        n, n + 9, n + 255)
+    for text in TEXTS:
+        assert tokenizer.encode(text, disallowed_special=()) == small_bpe.encoding().encode(text)
+    # A tokenizer_config.json's added tokens win over the built-in list.
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"added_tokens_decoder": {str(n): {"content": "<s>"}, str(n + 1): {"content": "</s>"}}}))
+    assert get_tokenizer(tmp_path)._special_tokens == {"<s>": n, "</s>": n + 1}
+
+
+def test_unsupported_tokenizer_files_are_named(small_bpe, tmp_path):
+    from fusedgpt.model.tokenizer import TokenizerFileError, get_tokenizer
+
+    (tmp_path / "tokenizer.model").write_bytes(b"\n\x0f\n\x05<unk>\x15\x00\x00\x00\x00")  # SentencePiece protobuf
+    with pytest.raises(TokenizerFileError, match="SentencePiece"):
+        get_tokenizer(tmp_path)
+    spec = _tokenizer_json(small_bpe, {})
+    spec["model"]["merges"][3:5] = spec["model"]["merges"][4:2:-1]  # two merges swapped
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(TokenizerFileError, match=r"merges\[4\].*not in merge order"):
+        get_tokenizer(tmp_path)
+    spec = _tokenizer_json(small_bpe, {}, normalizer={"type": "Lowercase"})
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(TokenizerFileError, match="normalizer 'Lowercase' is not supported"):
+        get_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sliding_window_matches_transformers(tmp_path_factory, backend):
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=64, use_sliding_window=True, sliding_window=4,
+        max_window_layers=0, bos_token_id=0, eos_token_id=1)
+    directory, reference = _save(transformers.Qwen3ForCausalLM(config), tmp_path_factory, "hf-qwen3-window")
+    model = from_pretrained(directory, backend=backend)
+    assert model.config.sliding_window == 4 and model.config.n_kv_head == 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDX), reference(IDX).logits, atol=1e-4, rtol=0)
+        # The window matters here: without it the logits differ.
+        unwindowed = from_pretrained(directory, backend="torch", sliding_window=None)
+        assert (unwindowed(IDX) - reference(IDX).logits).abs().max() > 1e-2
+    prompt = IDX[:, :3]
+    expected = reference.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0,
+                                  attention_mask=torch.ones_like(prompt))
+    assert torch.equal(generate(model, prompt, 6, temperature=0), expected)

@@ -347,8 +347,8 @@ def test_get_tokenizer_missing_file(name, tmp_path, monkeypatch):
 def test_get_tokenizer_rejects_bad_arguments(tmp_path):
     with pytest.raises(TypeError, match="name_or_path"):
         get_tokenizer(50257)
-    with pytest.raises(FileNotFoundError, match="is a directory"):
-        get_tokenizer(tmp_path)
+    with pytest.raises(FileNotFoundError, match="neither tokenizer.json nor tokenizer.model"):
+        get_tokenizer(tmp_path)  # a directory is read as a model directory
 
 
 def _ranks_file(lines):
