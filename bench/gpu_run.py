@@ -30,7 +30,7 @@ from bench import common
 
 # (name, argv after `python`, share of the budget it may take at most)
 STEPS: list[tuple[str, list[str], float]] = [
-    ("gpu tests (bf16 parity)", ["-m", "pytest", "-q", "-m", "gpu", "tests", "-x", "-p", "no:cacheprovider"], 0.35),
+    ("gpu tests (bf16 parity)", ["-m", "pytest", "-q", "-m", "gpu", "tests", "-p", "no:cacheprovider"], 0.35),
     ("kernel benchmarks, gpt2 shapes, vs eager / SDPA flash+cuDNN / peers",
      ["-m", "bench.kernels", "--op", "all", "--dtype", "bf16", "--shapes", "gpt2", "--mode", "fwd+bwd",
       "--out", "{out}"], 0.4),

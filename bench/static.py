@@ -12,9 +12,11 @@ figures beside each peer's, with fusedgpt's ratio to the best peer in modelled c
 unit (below 1: fusedgpt is modelled cheaper). A peer that does not import or build is
 listed with the reason. Figures are a model read from SASS, not a measurement.
 
-Which fusedgpt launch is compared: the peer's case (LayerNorm without the residual add,
-attention without dropout; cross-entropy in each of its modes), and of
-several autotune configs the one the model rates cheapest; every build is in the JSON.
+Each kernel gets the inputs its users pass: fusedgpt's LayerNorm fp32 master weights (as
+under autocast), the peers' the activation dtype. Which fusedgpt launch is compared: the
+peer's case (LayerNorm without the residual add, attention without dropout, cross-entropy
+in each of its modes), and of several autotune configs the one the model rates cheapest;
+every build is in the JSON.
 """
 
 from __future__ import annotations
@@ -67,8 +69,7 @@ def _liger_cross_entropy(dtype: torch.dtype, workload: cr.Workload) -> list[cr.K
     logits = cr.meta_tensor(rows, v, dtype=dtype, strides=(workload.logits_row_stride, 1)).requires_grad_()
     target = torch.zeros(rows, dtype=torch.int64)  # its launcher reads the targets on the host
     with cr.launches(liger, "liger_cross_entropy_kernel") as both:
-        liger.cross_entropy_forward(logits, target, None, -100, 0.0, 0.0, "mean",
-                                    None, False)
+        liger.cross_entropy_forward(logits, target, None, -100, 0.0, 0.0, "mean", None, False)
     # The loss and the gradient in one launch, written over the logits (as fusedgpt's
     # forward+backward mode): read, then written, once each.
     return [cr.jit_variant("cross_entropy", "fwd+bwd", both[0], impl="liger-kernel", workload=workload,
@@ -191,6 +192,101 @@ def _flag_gems_attention(dtype: torch.dtype, workload: cr.Workload) -> list[cr.K
     return found
 
 
+def _liger_rms_norm(dtype: torch.dtype, workload: cr.Workload) -> list[cr.KernelVariant]:
+    from liger_kernel.ops import rms_norm as liger
+
+    m, n = workload.tokens, workload.channels
+    item = torch.empty((), dtype=dtype).element_size()
+    x, weight = cr.meta_tensor(m, n, dtype=dtype), cr.meta_tensor(n, dtype=dtype)
+    kernels = ("_rms_norm_{}_kernel", "_block_rms_norm_{}_kernel")
+    with cr.launches(liger, *(k.format("forward") for k in kernels)) as forward:
+        _, _, rstd, block, warps, casting = liger.rms_norm_forward(x, weight, 1e-6, 0.0, "llama", None)
+    with cr.launches(liger, *(k.format("backward") for k in kernels)) as backward:
+        liger.rms_norm_backward(cr.meta_tensor(m, n, dtype=dtype), x, weight, rstd, 0.0, casting, block, warps,
+                                True, None)
+    # Forward: a program per row, no loop. Backward: one program per SM walks its rows.
+    return [cr.jit_variant("rms_norm", pass_, launch, impl="liger-kernel", workload=workload, show=("BLOCK_SIZE",),
+                           work=cr.Work("element", n, (2 if pass_ == "fwd" else 3) * item + 4 / n))
+            for pass_, launch in (("fwd", forward[0]), ("bwd", backward[0]))]
+
+
+def _liger_rope(dtype: torch.dtype, workload: cr.Workload) -> list[cr.KernelVariant]:
+    from liger_kernel.ops import rope as liger
+
+    b, t, h, d = workload.batch, workload.seq, workload.heads, workload.head_dim
+    item = torch.empty((), dtype=dtype).element_size()
+    # Its (B, H, T, D) arguments as views of (B, T, H, D) storage, so its contiguous() copies
+    # nothing; cos and sin (1, T, D) in the activations' dtype, as Hugging Face models pass.
+    q, k = (cr.meta_tensor(b, t, h, d, dtype=dtype).transpose(1, 2) for _ in range(2))
+    cos, sin = cr.meta_tensor(1, t, d, dtype=dtype), cr.meta_tensor(1, t, d, dtype=dtype)
+    with cr.launches(liger, "_triton_rope") as forward:
+        liger.rope_forward(q, k, cos, sin)
+    with cr.launches(liger, "_triton_rope") as backward:
+        liger.rope_backward(q, k, cos, sin)
+    # A program per token rotates all heads of q and k, without a loop; in place.
+    return [cr.jit_variant("rotary", pass_, launch, impl="liger-kernel", workload=workload,
+                           show=("BLOCK_SIZE", "BACKWARD_PASS"), work=cr.Work("element", 2 * h * d, 2 * item))
+            for pass_, launch in (("fwd", forward[0]), ("bwd", backward[0]))]
+
+
+def _liger_swiglu(dtype: torch.dtype, workload: cr.Workload) -> list[cr.KernelVariant]:
+    from liger_kernel.ops import swiglu as liger
+
+    m, f = workload.tokens, 4 * workload.channels
+    item = torch.empty((), dtype=dtype).element_size()
+    gate, up = cr.meta_tensor(m, f, dtype=dtype), cr.meta_tensor(m, f, dtype=dtype)
+    with cr.launches(liger, "_swiglu_forward_kernel", "_swiglu_forward_kernel_tiled") as forward:
+        liger.swiglu_forward(gate, up)
+    with cr.launches(liger, "_swiglu_backward_kernel", "_swiglu_backward_kernel_tiled") as backward:
+        liger.swiglu_backward(gate, up, cr.meta_tensor(m, f, dtype=dtype))
+    # A program per row, no loop. Forward reads gate and up, writes y; backward reads dy,
+    # gate and up and writes both gradients (over gate and up).
+    return [cr.jit_variant("swiglu", pass_, launch, impl="liger-kernel", workload=workload, show=("BLOCK_SIZE",),
+                           work=cr.Work("element", f, (3 if pass_ == "fwd" else 5) * item))
+            for pass_, launch in (("fwd", forward[0]), ("bwd", backward[0]))]
+
+
+def _flag_gems_rms_norm(dtype: torch.dtype, workload: cr.Workload) -> list[cr.KernelVariant]:
+    m, n = workload.tokens, workload.channels
+    item = torch.empty((), dtype=dtype).element_size()
+    x, dy, weight = cr.meta_tensor(m, n, dtype=dtype), cr.meta_tensor(m, n, dtype=dtype), cr.meta_tensor(n, dtype=dtype)
+    with _stand_in_gpu():
+        gems = importlib.import_module("flag_gems.ops.rms_norm")
+        with cr.launches(gems, "rms_norm_kernel", "rms_norm_loop_kernel") as forward:
+            _, inv_rms = gems.rms_norm_forward(x, (n,), weight, 1e-6)
+        with cr.launches(gems, "rms_norm_grad_dx_kernel", "rms_norm_grad_dw_kernel") as backward:
+            gems.rms_norm_backward(dy, x, inv_rms, (n,), weight, 1e-6)
+    found = [cr.jit_variant("rms_norm", "fwd", launch, impl="flag-gems", workload=workload, show=("BLOCK_SIZE",),
+                            work=cr.Work("element", n, 2 * item + 4 / n))  # a program per row, no loop
+             for launch in (x for r in forward for x in cr.expand(r))]
+    for launch in (x for r in backward for x in cr.expand(r)):
+        # dX: a program per row (reads dY and X, writes dX); dW: a second kernel, a program
+        # per ROW_BLOCK_SIZE x COL_BLOCK_SIZE tile that reads dY and X again.
+        tile = "ROW_BLOCK_SIZE" in launch.args
+        per_program = launch.args["ROW_BLOCK_SIZE"] * launch.args["COL_BLOCK_SIZE"] if tile else n
+        found.append(cr.jit_variant(
+            "rms_norm", "bwd", launch, impl="flag-gems", workload=workload,
+            show=("ROW_BLOCK_SIZE", "COL_BLOCK_SIZE") if tile else ("BLOCK_SIZE",),
+            work=cr.Work("element", per_program, 2 * item if tile else 3 * item + 4 / n)))
+    return found
+
+
+def _flag_gems_rotary(dtype: torch.dtype, workload: cr.Workload) -> list[cr.KernelVariant]:
+    """Forward only: flag-gems 5.0.2 defines no backward for its rotary embedding."""
+    b, t, h, d = workload.batch, workload.seq, workload.heads, workload.head_dim
+    item = torch.empty((), dtype=dtype).element_size()
+    q, k = cr.meta_tensor(b, t, h, d, dtype=dtype), cr.meta_tensor(b, t, h, d, dtype=dtype)
+    cos, sin = cr.meta_tensor(t, d // 2, dtype=torch.float32), cr.meta_tensor(t, d // 2, dtype=torch.float32)
+    with _stand_in_gpu():
+        gems = importlib.import_module("flag_gems.fused.rotary_embedding")
+        with cr.launches(gems, "apply_rotary_pos_emb_kernel") as forward:
+            gems.apply_rotary_pos_emb(q, k, cos, sin)
+    # A program per token rotates all heads of q and k, without a loop.
+    return [cr.jit_variant("rotary", "fwd", launch, impl="flag-gems", workload=workload, show=("PADDED_HEAD_DIM",),
+                           work=cr.Work("element", 2 * h * d, 2 * item))
+            for launch in (x for r in forward for x in cr.expand(r))]
+
+
 def _not_described(package: str, why: str) -> Callable:
     """A peer kernel this tool cannot yet normalise: importing the package is tried (so an
     import failure is the reason given), then ``why``."""
@@ -212,6 +308,11 @@ PEERS: list[tuple[str, str, Callable]] = [
     ("flag-gems", "cross_entropy", _flag_gems_cross_entropy),
     ("flag-gems", "cross_entropy", _flag_gems_cross_entropy_backward),
     ("flag-gems", "attention", _flag_gems_attention),
+    ("liger-kernel", "rms_norm", _liger_rms_norm),
+    ("flag-gems", "rms_norm", _flag_gems_rms_norm),
+    ("liger-kernel", "rotary", _liger_rope),
+    ("flag-gems", "rotary", _flag_gems_rotary),
+    ("liger-kernel", "swiglu", _liger_swiglu),
     ("flag-gems", "attention", _not_described(
         "flag_gems", "backward not compared: one kernel runs dK/dV and dQ loops over different tiles, and the "
                      "per-unit count here takes one tile per kernel")),
