@@ -82,6 +82,7 @@ from fusedgpt.kernels.checks import (
     check_float,
     check_number,
     check_same_device,
+    check_same_dtype,
     check_tensor,
     float64_unsupported,
     with_unit_last_stride,
@@ -388,21 +389,30 @@ def _attn_bwd_delta_kernel(
 
 @triton.jit
 def _bwd_query_blocks(
-    dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, offs_d, start, end,
-    seqlen_q, seqlen_k, q_start, k_start, D, qk_scale, qk_softcap, window, dropout_p, seed, bh,
+    dk, dv, k, v, Q, DO, LSE, DELTA, stride_qh, stride_qt, stride_doh, stride_dot, offs_n, offs_d, start, end,
+    kv_group, Tq, seqlen_q, seqlen_k, q_start, k_start, D, qk_scale, qk_softcap, window, dropout_p, seed, bh,
     BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dK, dV of one key block from query blocks start .. end of one query head, on
-    transposed (key, query) tiles so that every product has the key block as its M
-    dimension."""
-    for start_m in range(start, end, BLOCK_M):
+    """dK, dV of one key block from query blocks start .. end of each of the ``kv_group``
+    query heads from the one at Q, DO, LSE, DELTA (batch*head ``bh``) on, in a fixed
+    order. One flat loop over (head, block) rather than a loop over heads around the loop
+    over blocks: the nested form holds more registers. Tiles are transposed (key, query),
+    so that every product has the key block as its M dimension."""
+    blocks = tl.cdiv(end - start, BLOCK_M)
+    for step in range(0, kv_group * tl.maximum(blocks, 0)):
+        g = step // blocks  # the g-th query head of the group
+        start_m = start + (step - g * blocks) * BLOCK_M
+        Qg = Q + tl.cast(g, tl.int64) * stride_qh
+        DOg = DO + tl.cast(g, tl.int64) * stride_doh
+        LSEg = LSE + tl.cast(g, tl.int64) * Tq
+        DELTAg = DELTA + tl.cast(g, tl.int64) * Tq
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q, start_m, stride_qt, seqlen_q, offs_d, D, BLOCK_M)
-        do = _load_rows(DO, start_m, stride_dot, seqlen_q, offs_d, D, BLOCK_M)
+        q = _load_rows(Qg, start_m, stride_qt, seqlen_q, offs_d, D, BLOCK_M)
+        do = _load_rows(DOg, start_m, stride_dot, seqlen_q, offs_d, D, BLOCK_M)
         # Queries past the sequence get L = +inf, hence P = 0, and contribute nothing.
-        lse = tl.load(LSE + offs_m, mask=offs_m < seqlen_q, other=float("inf")) * _LOG2_E
-        delta = tl.load(DELTA + offs_m, mask=offs_m < seqlen_q, other=0.0)
+        lse = tl.load(LSEg + offs_m, mask=offs_m < seqlen_q, other=float("inf")) * _LOG2_E
+        delta = tl.load(DELTAg + offs_m, mask=offs_m < seqlen_q, other=0.0)
         s_t = _scores(k, tl.trans(q), qk_scale, qk_softcap, SOFTCAP, DOT_PRECISION)
         p_t = tl.exp2(s_t - lse[None, :])
         if MASKED:
@@ -411,7 +421,7 @@ def _bwd_query_blocks(
             p_t = tl.where(visible, p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, q_start + offs_m[None, :], k_start + offs_n[:, None], dropout_p)
+            keep = _dropout_keep(seed, bh + g, q_start + offs_m[None, :], k_start + offs_n[:, None], dropout_p)
             scale = 1.0 / (1.0 - dropout_p)
             dv += tl.dot(tl.where(keep, p_t * scale, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
             dp_t = tl.where(keep, dp_t * scale, 0.0)
@@ -452,30 +462,30 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     lo, a, b, hi = _query_range(start_n, seqlen_q, seqlen_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOWED)
 
-    # The group's query heads one after another, in a fixed order: a deterministic sum.
-    for h in range(h_kv * kv_group, (h_kv + 1) * kv_group):
-        bh = batch * H + h
-        Qh = _rows(Q, batch, h, q_start, stride_qb, stride_qh, stride_qt)
-        DOh = _rows(DO, batch, h, q_start, stride_dob, stride_doh, stride_dot)
-        LSEh = LSE + tl.cast(bh, tl.int64) * Tq + q_start
-        DELTAh = DELTA + tl.cast(bh, tl.int64) * Tq + q_start
-        if CAUSAL:
-            dk, dv = _bwd_query_blocks(
-                dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n, offs_d, lo, a,
-                seqlen_q, seqlen_k, q_start, k_start, D, qk_scale, qk_softcap, window, dropout_p, seed, bh,
-                BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, HAS_DROPOUT, True, DOT_PRECISION,
-            )
+    # The group's query heads, from the first one on, in a fixed order: a deterministic sum.
+    h = h_kv * kv_group
+    bh = batch * H + h
+    Q = _rows(Q, batch, h, q_start, stride_qb, stride_qh, stride_qt)
+    DO = _rows(DO, batch, h, q_start, stride_dob, stride_doh, stride_dot)
+    LSE += tl.cast(bh, tl.int64) * Tq + q_start
+    DELTA += tl.cast(bh, tl.int64) * Tq + q_start
+    if CAUSAL:
         dk, dv = _bwd_query_blocks(
-            dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n, offs_d, a, b,
-            seqlen_q, seqlen_k, q_start, k_start, D, qk_scale, qk_softcap, window, dropout_p, seed, bh,
-            BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, HAS_DROPOUT, False, DOT_PRECISION,
+            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qh, stride_qt, stride_doh, stride_dot, offs_n, offs_d, lo, a,
+            kv_group, Tq, seqlen_q, seqlen_k, q_start, k_start, D, qk_scale, qk_softcap, window, dropout_p, seed, bh,
+            BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, HAS_DROPOUT, True, DOT_PRECISION,
         )
-        if WINDOWED:
-            dk, dv = _bwd_query_blocks(
-                dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n, offs_d, b, hi,
-                seqlen_q, seqlen_k, q_start, k_start, D, qk_scale, qk_softcap, window, dropout_p, seed, bh,
-                BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, HAS_DROPOUT, True, DOT_PRECISION,
-            )
+    dk, dv = _bwd_query_blocks(
+        dk, dv, k, v, Q, DO, LSE, DELTA, stride_qh, stride_qt, stride_doh, stride_dot, offs_n, offs_d, a, b,
+        kv_group, Tq, seqlen_q, seqlen_k, q_start, k_start, D, qk_scale, qk_softcap, window, dropout_p, seed, bh,
+        BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, HAS_DROPOUT, False, DOT_PRECISION,
+    )
+    if WINDOWED:
+        dk, dv = _bwd_query_blocks(
+            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qh, stride_qt, stride_doh, stride_dot, offs_n, offs_d, b, hi,
+            kv_group, Tq, seqlen_q, seqlen_k, q_start, k_start, D, qk_scale, qk_softcap, window, dropout_p, seed, bh,
+            BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, HAS_DROPOUT, True, DOT_PRECISION,
+        )
     _store_rows(DK, start_n, stride_dkt, seqlen_k, offs_d, D, dk * softmax_scale, BLOCK_N)
     _store_rows(DV, start_n, stride_dvt, seqlen_k, offs_d, D, dv, BLOCK_N)
 
@@ -883,9 +893,7 @@ def _check_tensors(q: Tensor, k: Tensor, v: Tensor) -> None:
         check_float(_OP, name, t)
         if t.dim() != 4:
             raise ValueError(f"{_OP}: {name} must have 4 dimensions (B, H, T, D), got shape {tuple(t.shape)}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{_OP}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+    check_same_dtype(_OP, "q", q, k=k, v=v)
     check_same_device(_OP, q=q, k=k, v=v)
     b, h, tq, d = q.shape
     h_kv = k.shape[1]
