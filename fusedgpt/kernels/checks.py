@@ -51,6 +51,14 @@ def check_same_device(op: str, **tensors: Optional[torch.Tensor]) -> None:
         raise ValueError(f"{op}: all tensors must be on one device, got {listing}")
 
 
+def check_same_dtype(op: str, like_name: str, like: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
+    """A TypeError unless every tensor given (None skipped) has ``like``'s dtype: the
+    kernels read these inputs as one dtype."""
+    for name, t in tensors.items():
+        if t is not None and t.dtype != like.dtype:
+            raise TypeError(f"{op}: {name} must have {like_name}'s dtype {like.dtype}, got {t.dtype}")
+
+
 _COMPARE = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
 
 

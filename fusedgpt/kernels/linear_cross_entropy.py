@@ -46,7 +46,9 @@ from typing import Callable, Optional
 import torch
 
 from fusedgpt.kernels import backend as _backend
-from fusedgpt.kernels.checks import check_float, check_number, check_same_device, float64_unsupported
+from fusedgpt.kernels.checks import (
+    check_float, check_number, check_same_device, check_same_dtype, float64_unsupported,
+)
 from fusedgpt.kernels.cross_entropy import (
     check_loss_args,
     checked_target,
@@ -367,9 +369,7 @@ def linear_cross_entropy(
     if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"{op}: weight must have shape (V, {hidden.shape[-1]}) with V >= 1 to match hidden's "
                          f"last dimension, got {tuple(weight.shape)}")
-    for name, tensor in (("weight", weight), ("bias", bias)):
-        if tensor is not None and tensor.dtype != hidden.dtype:
-            raise TypeError(f"{op}: {name} must have hidden's dtype {hidden.dtype}, got {tensor.dtype}")
+    check_same_dtype(op, "hidden", hidden, weight=weight, bias=bias)
     vocab_size = weight.shape[0]
     if bias is not None and bias.shape != (vocab_size,):
         raise ValueError(f"{op}: bias must have shape ({vocab_size},) to match weight, got {tuple(bias.shape)}")

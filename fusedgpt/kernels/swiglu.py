@@ -30,7 +30,7 @@ import torch
 
 from fusedgpt.kernels import backend as _backend
 from fusedgpt.kernels import reference
-from fusedgpt.kernels.checks import as_rows, check_float, check_same_device, float64_unsupported
+from fusedgpt.kernels.checks import as_rows, check_float, check_same_device, check_same_dtype, float64_unsupported
 from fusedgpt.kernels.triton_compat import tl, triton
 
 Tensor = torch.Tensor
@@ -189,8 +189,7 @@ def _check(gate, up) -> None:
     check_float(_OP, "up", up)
     if up.shape != gate.shape:
         raise ValueError(f"{_OP}: up must have gate's shape {tuple(gate.shape)}, got {tuple(up.shape)}")
-    if up.dtype != gate.dtype:
-        raise TypeError(f"{_OP}: up must have gate's dtype {gate.dtype}, got {up.dtype}")
+    check_same_dtype(_OP, "gate", gate, up=up)
     check_same_device(_OP, gate=gate, up=up)
 
 

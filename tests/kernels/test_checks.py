@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fusedgpt.kernels import add_layer_norm, cross_entropy, flash_attention, layer_norm, linear_cross_entropy
-from fusedgpt.kernels.checks import check_bool, check_number
+from fusedgpt.kernels.checks import check_bool, check_number, check_out_dtype, check_same_dtype
 
 
 @pytest.mark.parametrize("value", [0.25, 1, np.float32(0.25), np.float64(0.25), np.float16(0.25), np.int64(1)])
@@ -96,3 +96,18 @@ def test_every_public_op_takes_numpy_scalars(device):
                  dict(causal=np.bool_(False), softmax_scale=np.float32(0.5), dropout_p=np.float64(0.25),
                       seed=np.uint32(7)),
                  dict(causal=False, softmax_scale=0.5, dropout_p=0.25, seed=7))
+
+
+def test_same_dtype_skips_none_and_names_both_arguments():
+    like = torch.zeros(2)
+    check_same_dtype("op", "x", like, weight=torch.ones(3), bias=None)
+    with pytest.raises(TypeError, match=r"^op: bias must have x's dtype torch.float32, got torch.float16$"):
+        check_same_dtype("op", "x", like, weight=torch.ones(3), bias=torch.ones(3, dtype=torch.float16))
+
+
+def test_out_dtype_defaults_and_rejects_non_float_dtypes():
+    assert check_out_dtype("op", None, torch.float16) is torch.float16
+    assert check_out_dtype("op", torch.bfloat16, torch.float32) is torch.bfloat16
+    for bad in (torch.int64, "float32", float):
+        with pytest.raises(TypeError, match="op: out_dtype must be None, torch.float32"):
+            check_out_dtype("op", bad, torch.float32)
