@@ -33,10 +33,10 @@ smallest whole example. Top to bottom:
    first line and returns one gradient (or ``None``) per ``forward`` argument.
 7. **Checks** — ``_check(...)`` (or one ``_check_*`` per group of arguments): every argument
    through the helpers of ``checks.py`` — ``check_tensor`` / ``check_float`` for tensors,
-   ``check_same_device``, ``check_number`` / ``check_bool`` / ``check_out_dtype`` for
-   scalars, which return the value normalised — and shapes compared by hand with a
-   ``ValueError`` that names the op, the argument and the expected shape. Nothing
-   launches before the checks pass.
+   ``check_same_device`` / ``check_same_dtype`` across them, ``check_number`` /
+   ``check_bool`` / ``check_out_dtype`` for scalars (they return the value normalised) —
+   and shapes compared by hand with a ``ValueError`` that names the op, the argument and
+   the expected shape. Nothing launches before the checks pass.
 8. **The public function** ``X(..., *, backend=None)``: a docstring with shapes and dtypes;
    ``_check``; then ``path = _backend.choose(op, backend, tensors, unsupported=...)``, where
    ``unsupported`` is the op's own reason the kernel cannot take this call
