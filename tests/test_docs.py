@@ -181,6 +181,8 @@ def fusedgpt_arguments(argv: list[str]):
 
 def check_command(argv: list[str]) -> None:
     """Fail when a command shown in the docs could not work as written."""
+    if argv[0] in ("python", "python3") and argv[1:3] == ["-m", "pytest"]:
+        argv = ["pytest", *argv[3:]]
     arguments = fusedgpt_arguments(argv)
     if arguments is not None:
         try:
