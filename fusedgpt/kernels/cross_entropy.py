@@ -88,9 +88,17 @@ Tensor = torch.Tensor
 
 SMALL_VOCAB_BLOCK = 1024
 LARGE_VOCAB_BLOCK = 4096
-# Registers per thread that every build stays within (the compile report checks it): with
-# 16 warps of 4096-wide blocks, two rows are resident per SM.
-REGISTER_BUDGET = 64
+# Registers per thread each build stays within, by (BLOCK_V, bytes per logit, label
+# smoothing on): the most any mode uses on sm_80 or sm_90 (Triton 3.8), rounded up to the
+# allocation unit of 8. The compile report test checks the training builds (4096, no
+# smoothing); rows_per_wave counts resident rows from these: at 40, three 16-warp programs
+# share an SM's 65536 registers; at 56 or 64, two.
+REGISTER_BUDGET = {
+    (SMALL_VOCAB_BLOCK, 2, False): 48, (SMALL_VOCAB_BLOCK, 4, False): 48,
+    (SMALL_VOCAB_BLOCK, 2, True): 56, (SMALL_VOCAB_BLOCK, 4, True): 56,
+    (LARGE_VOCAB_BLOCK, 2, False): 40, (LARGE_VOCAB_BLOCK, 4, False): 56,
+    (LARGE_VOCAB_BLOCK, 2, True): 64, (LARGE_VOCAB_BLOCK, 4, True): 64,
+}
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -149,7 +157,7 @@ def _wrap(start, body):
 
 
 @triton.jit
-def _accumulate(x, x_in_row, is_target, HOLDS_TARGET: tl.constexpr, m, others, x_sum, label_smoothing):
+def _accumulate(x, x_in_row, is_target, HOLDS_TARGET: tl.constexpr, m, others, x_sum, SMOOTHING: tl.constexpr):
     """Adds one block of fp32 logits ``x`` (-inf where masked; ``x_in_row`` 0 there) to the
     running maximum ``m``, the per-lane sums ``others`` of exp(x_j - m) over j != target,
     and, with label smoothing, the sum of the logits. ``is_target`` marks the target's
@@ -162,7 +170,7 @@ def _accumulate(x, x_in_row, is_target, HOLDS_TARGET: tl.constexpr, m, others, x
     if HOLDS_TARGET:
         e = tl.where(is_target, 0.0, e)
     others = others * tl.exp2(m * LOG2E - shift) + e
-    if label_smoothing > 0:  # a second reduction only where smoothing needs it
+    if SMOOTHING:  # a second reduction only in the build that needs it
         x_sum += tl.sum(x_in_row, axis=0)
     return m_new, others, x_sum
 
@@ -184,10 +192,12 @@ def _cross_entropy_kernel(
     V, ignore_index, label_smoothing, z_loss,
     BLOCK_V: tl.constexpr,
     ALIGN: tl.constexpr,
+    SMOOTHING: tl.constexpr,
     FORWARD: tl.constexpr,
     BACKWARD: tl.constexpr,
 ):
     """One program per row; X and DX (which may be X itself) have rows ``stride`` apart.
+    SMOOTHING (label_smoothing > 0) builds in the sum of the logits that smoothing needs.
     FORWARD: the loss and the saved ``lse - c`` from the logits. BACKWARD: the gradient into DX, from
     ``lse - c`` (this launch's, or a saved one) and the row's incoming gradient
     GRAD[row * stride_grad] (stride 0: one for all rows)."""
@@ -223,11 +233,11 @@ def _cross_entropy_kernel(
             start = first * BLOCK_V
             x = tl.load(x_body + start + offsets).to(tl.float32)
             is_target = head + start + offsets == target_col
-            m, others, x_sum = _accumulate(x, x, is_target, True, m, others, x_sum, label_smoothing)
+            m, others, x_sum = _accumulate(x, x, is_target, True, m, others, x_sum, SMOOTHING)
         for i in range(1, blocks):
             start = tl.multiple_of(_wrap((first + i) * BLOCK_V, body), BLOCK_V)
             x = tl.load(x_body + start + offsets).to(tl.float32)
-            m, others, x_sum = _accumulate(x, x, None, False, m, others, x_sum, label_smoothing)
+            m, others, x_sum = _accumulate(x, x, None, False, m, others, x_sum, SMOOTHING)
         # The head and the tail: one masked block, two where together they pass BLOCK_V.
         for part in tl.static_range(2):
             if usable & (part * BLOCK_V < rest):
@@ -235,7 +245,7 @@ def _cross_entropy_kernel(
                 cols = _rest_columns(k, head, body)
                 x = tl.load(x_row + cols, mask=k < rest, other=float("-inf")).to(tl.float32)
                 m, others, x_sum = _accumulate(x, tl.where(k < rest, x, 0.0), cols == target_col, True, m, others,
-                                               x_sum, label_smoothing)
+                                               x_sum, SMOOTHING)
         shift = tl.where(m == float("-inf"), 0.0, m * LOG2E)
         # exp(x_t - m') = exp2(u) against the very shift m' the sums used, and
         # sum_j exp(x_j - m') = exp2(u) + D. A confident row has u near 0 and a small D:
@@ -300,8 +310,8 @@ def block_config(v: int) -> tuple[int, int]:
     """``(BLOCK_V, num_warps)`` for rows of ``v`` logits: 1024-wide blocks for a small
     vocabulary (masked past ``v``), 4096-wide ones looped over a large one.
 
-    Eight logits per thread keep every mode within ``REGISTER_BUDGET`` (64) registers
-    without spills, so two rows are in flight per SM at 4096 (see the compile report). 16
+    Eight logits per thread keep every mode within ``REGISTER_BUDGET`` without spills, so
+    three rows (two with label smoothing) are in flight per SM at 4096. 16
     per thread would cut the per-block reduction's share of the main loop (about 0.25
     instead of 0.33 warp instructions per logit forward), but needs 80 to 112 registers:
     fewer rows in flight for a loop that is memory-bound either way.
@@ -310,14 +320,15 @@ def block_config(v: int) -> tuple[int, int]:
     return block_v, block_v // 256
 
 
-def rows_per_wave(device: torch.device, v: int) -> int:
-    """Rows of ``v`` logits the kernel runs at once on ``device`` (one program per row): SMs
-    x programs resident per SM, as the warps and ``REGISTER_BUDGET`` allow (65536 registers
-    and 64 warps per SM on sm_80 and sm_90); 1 off CUDA."""
+def rows_per_wave(device: torch.device, v: int, dtype: torch.dtype, label_smoothing: float) -> int:
+    """Rows of ``v`` logits of ``dtype`` the kernel runs at once on ``device`` (one program
+    per row): SMs x programs resident per SM, as the warps and ``REGISTER_BUDGET`` allow
+    (65536 registers and 64 warps per SM on sm_80 and sm_90); 1 off CUDA."""
     if device.type != "cuda":
         return 1
-    _, num_warps = block_config(v)
-    per_sm = min(64 // num_warps, 65536 // (REGISTER_BUDGET * 32 * num_warps))
+    block_v, num_warps = block_config(v)
+    registers = REGISTER_BUDGET[block_v, torch.empty((), dtype=dtype).element_size(), label_smoothing > 0]
+    per_sm = min(64 // num_warps, 65536 // (registers * 32 * num_warps))
     return torch.cuda.get_device_properties(device).multi_processor_count * max(1, per_sm)
 
 
@@ -345,7 +356,8 @@ def _launch(logits: Tensor, target: Tensor, nll: Optional[Tensor], grad: Optiona
         grad_scale if backward else nll,
         logits.stride(0), grad_scale.stride(0) if backward and grad_scale.dim() else 0,
         v, ignore_index, label_smoothing, z_loss,
-        BLOCK_V=block_v, ALIGN=16 // logits.element_size(), FORWARD=forward, BACKWARD=backward,
+        BLOCK_V=block_v, ALIGN=16 // logits.element_size(), SMOOTHING=label_smoothing > 0, FORWARD=forward,
+        BACKWARD=backward,
         num_warps=num_warps,
     )
     return loss, nll

@@ -82,16 +82,16 @@ def logits_row_stride(vocab_size: int) -> int:
 
 def default_chunk_size(num_tokens: int, vocab_size: int, dtype: torch.dtype, use_triton: bool,
                        wave: int = 1) -> int:
-    """Tokens per chunk so that one chunk's logits (rows ``logits_row_stride`` apart, plus
-    the torch path's fp32 copy of half logits) fit ``CHUNK_BYTES``, rounded down to whole
-    waves of ``wave`` rows (the rows the kernel runs at once on the whole GPU) where one
-    fits; at least 1, at most ``num_tokens``."""
+    """Tokens per chunk: as many as fit ``CHUNK_BYTES`` with one chunk's logits (rows
+    ``logits_row_stride`` apart, plus the torch path's fp32 copy of half logits), moved to
+    the nearest whole number of waves of ``wave`` rows (the rows the kernel runs at once on
+    the whole GPU; so up to half a wave past the budget) unless that is none; at least 1,
+    at most ``num_tokens``."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     per_logit = itemsize + (4 if not use_triton and itemsize < 4 else 0)
     fits = CHUNK_BYTES // (logits_row_stride(vocab_size) * per_logit)
-    if fits >= wave:
-        fits = fits // wave * wave
-    return max(1, min(num_tokens, fits))
+    waves = (2 * fits + wave - 1) // (2 * wave)  # fits / wave, rounded half down
+    return max(1, min(num_tokens, waves * wave if waves else fits))
 
 
 # ------------------------------------------------------------ the per-chunk loss
@@ -385,7 +385,7 @@ def linear_cross_entropy(
         target = checked_target(op, target, vocab_size, ignore_index)
     num_tokens = target.numel()
     if chunk_size is None:
-        wave = rows_per_wave(hidden.device, vocab_size) if use_triton else 1
+        wave = rows_per_wave(hidden.device, vocab_size, hidden.dtype, label_smoothing) if use_triton else 1
         chunk_size = default_chunk_size(num_tokens, vocab_size, hidden.dtype, use_triton, wave)
     return _LinearCrossEntropyFunction.apply(
         hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size, use_triton,

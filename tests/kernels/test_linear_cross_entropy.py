@@ -194,15 +194,32 @@ def test_default_chunk_size_fits_budget_in_whole_waves():
                                          (torch.float16, True, 2), (torch.bfloat16, False, 6)]:
         rows = lce_module.default_chunk_size(10**6, 50257, dtype, use_triton)
         assert rows * width * per_logit <= budget < (rows + 1) * width * per_logit
-        # 132 SMs x 2 rows: the budget's 333 fp16 rows become 264, one whole wave; where
-        # not even one wave fits (166 fp32 rows), the budget's rows stay.
-        waves = lce_module.default_chunk_size(10**6, 50257, dtype, use_triton, wave=264)
-        assert waves == (rows // 264 * 264 if rows >= 264 else rows)
-    assert lce_module.default_chunk_size(10**6, 50257, torch.float16, True, wave=264) == 264
-    assert lce_module.default_chunk_size(7, 50257, torch.float32, True, wave=264) == 7
+        # Whole waves of rows: the nearest number of them, where that is not none.
+        for wave in (264, 324, 396):
+            waves = lce_module.default_chunk_size(10**6, 50257, dtype, use_triton, wave=wave)
+            if rows >= wave / 2:
+                assert waves % wave == 0 and abs(waves - rows) <= wave / 2
+            else:
+                assert waves == rows
+    # GPT-2, fp16: 333 rows fit. A100 (108 SMs x 3 rows): 324; H100 (132 x 3): 396, 19% over.
+    assert lce_module.default_chunk_size(10**6, 50257, torch.float16, True, wave=324) == 324
+    assert lce_module.default_chunk_size(10**6, 50257, torch.float16, True, wave=396) == 396
+    assert lce_module.default_chunk_size(10**6, 50257, torch.float32, True, wave=396) == 166
+    assert lce_module.default_chunk_size(7, 50257, torch.float16, True, wave=264) == 7
     assert lce_module.default_chunk_size(5, 10**9, torch.float32, True) == 1
     assert lce_module.default_chunk_size(0, 8, torch.float32, True) == 1
-    assert ce_module.rows_per_wave(torch.device("cpu"), 50257) == 1
+    assert ce_module.rows_per_wave(torch.device("cpu"), 50257, torch.bfloat16, 0.0) == 1
+
+
+def test_rows_per_wave_from_the_register_budget(monkeypatch):
+    """An H100's 132 SMs: three 16-warp rows each for the bf16 training build (40
+    registers), two for fp32 or with label smoothing; ten 4-warp rows for a small vocabulary."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"multi_processor_count": 132}))
+    cuda = torch.device("cuda")
+    assert ce_module.rows_per_wave(cuda, 50257, torch.bfloat16, 0.0) == 396
+    assert ce_module.rows_per_wave(cuda, 50257, torch.float32, 0.0) == 264
+    assert ce_module.rows_per_wave(cuda, 50257, torch.float16, 0.1) == 264
+    assert ce_module.rows_per_wave(cuda, 1000, torch.bfloat16, 0.0) == 1320
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, under the interpreter, on inf - inf
