@@ -8,7 +8,7 @@ How an op file reads
 ====================
 
 Every op ``X`` lives in ``fusedgpt/kernels/X.py`` and is written in one dialect, so that a
-new op (and its reviewer) can copy the shape of an existing one — ``layernorm.py`` is the
+new op (and its reviewer) can copy the shape of an existing one — ``swiglu.py`` is the
 smallest whole example. Top to bottom:
 
 1. **Docstring: the math.** Forward and backward formulas, what the forward saves for the
