@@ -12,12 +12,18 @@ import os
 from pathlib import Path
 from typing import Any, Union
 
-from fusedgpt.model.config import LLAMA_PRESETS, PRESETS, GPTConfig, LlamaConfig, config_from_preset
+from fusedgpt.model.config import (LLAMA_PRESETS, PRESETS, GPTConfig, LlamaConfig, config_class_for,
+                                   config_from_preset)
 from fusedgpt.model.gpt import GPT, KVCache
 from fusedgpt.model.llama import Llama
 
-__all__ = ["GPT", "GPTConfig", "KVCache", "LLAMA_PRESETS", "Llama", "LlamaConfig", "PRESETS", "config_from_preset",
-           "from_pretrained"]
+__all__ = ["GPT", "GPTConfig", "KVCache", "LLAMA_PRESETS", "Llama", "LlamaConfig", "PRESETS", "build_model",
+           "config_class_for", "config_from_preset", "from_pretrained"]
+
+
+def build_model(config: Union[GPTConfig, LlamaConfig]) -> Union[GPT, Llama]:
+    """A freshly initialised model of ``config``'s family."""
+    return Llama(config) if isinstance(config, LlamaConfig) else GPT(config)
 
 
 def from_pretrained(path: Union[str, os.PathLike], **overrides: Any) -> Union[GPT, Llama]:

@@ -238,3 +238,8 @@ def config_from_preset(name: str, **overrides: Any) -> "GPTConfig | LlamaConfig"
     if name in PRESETS:
         return GPTConfig.from_preset(name, **overrides)
     raise ValueError(f"unknown preset {name!r}; presets: {', '.join([*PRESETS, *LLAMA_PRESETS])}")
+
+
+def config_class_for(values: dict[str, Any]) -> "type[GPTConfig] | type[LlamaConfig]":
+    """The config class of a stored ``to_dict()``: only the Llama family has ``n_kv_head``."""
+    return LlamaConfig if "n_kv_head" in values else GPTConfig

@@ -21,7 +21,6 @@ import torch
 
 from fusedgpt.hardware import add_device_arguments, choose_backend, resolve_device
 from fusedgpt.io.checkpoint import open_checkpoint
-from fusedgpt.model.config import GPTConfig
 from fusedgpt.model.gpt import GPT, KVCache
 from fusedgpt.model.llama import Llama
 
@@ -189,7 +188,8 @@ def _next_logits(model: GPT, tokens: Tensor, cache: Optional[KVCache], window: i
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="a training checkpoint (or run directory: its newest checkpoint), a Hugging Face "
-                             "GPT-2 directory (e.g. from save_pretrained), or gpt2 / gpt2-medium / gpt2-large / gpt2-xl")
+                             "GPT-2, Llama 3 or Qwen3 directory (e.g. from save_pretrained), or gpt2 / gpt2-medium / "
+                             "gpt2-large / gpt2-xl")
     parser.add_argument("--prompt", default="", help="text to continue (default: empty, start from <|endoftext|>)")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
@@ -199,7 +199,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None,
                         help="seed for reproducible sampling (default: none, a new draw each run)")
     parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer name or ranks file (default: the one the checkpoint was trained with, else gpt2)")
+                        help="tokenizer name, ranks file or model directory (default: the one the checkpoint was "
+                             "trained with, or the Hugging Face directory's own, else gpt2)")
     add_device_arguments(parser)
 
 
@@ -247,16 +248,22 @@ def check_tokenizer_fits(tokenizer, name: str, vocab_size: int) -> None:
                          f"{vocab_size}: pass the --tokenizer the model was trained with")
 
 
-def load_for_generation(checkpoint: Union[str, os.PathLike], *, backend: str = "auto") -> tuple[GPT, Optional[str]]:
-    """A model in eval mode, and the tokenizer it was trained with where the checkpoint says.
+def load_for_generation(checkpoint: Union[str, os.PathLike], *,
+                        backend: str = "auto") -> tuple[Union[GPT, Llama], Optional[str]]:
+    """A model in eval mode, and its tokenizer where the checkpoint says: the one it was
+    trained with, or a Hugging Face directory's own tokenizer files.
 
     ``checkpoint`` is a training checkpoint directory or run directory (``meta.json`` +
-    ``model.safetensors``, from ``fusedgpt train``), or anything ``GPT.from_pretrained`` takes.
+    ``model.safetensors``, from ``fusedgpt train``), or anything ``fusedgpt.model.from_pretrained``
+    takes (GPT-2, Llama 3 and Qwen3 directories).
     """
+    from fusedgpt.model import build_model, config_class_for, from_pretrained
+
     path = Path(checkpoint)
     if path.is_dir() and not (path / "config.json").is_file():
         trained = open_checkpoint(path)
-        model = GPT(trained.model_config(GPTConfig, backend))
+        model = build_model(trained.model_config(config_class_for(trained.meta.get("model") or {}), backend))
         trained.load_weights(model)
         return model.eval(), trained.meta.get("tokenizer")
-    return GPT.from_pretrained(checkpoint, backend=backend), None
+    own_tokenizer = any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
+    return from_pretrained(checkpoint, backend=backend), str(path) if own_tokenizer else None

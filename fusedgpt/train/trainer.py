@@ -33,8 +33,11 @@ import torch
 
 from fusedgpt.hardware import add_device_arguments, autocast, bf16_peak_flops, choose_backend
 from fusedgpt.kernels.backend import BACKENDS
-from fusedgpt.model.config import PRESETS, GPTConfig, rename_legacy_backend
+from fusedgpt.model import build_model
+from fusedgpt.model.config import (LLAMA_PRESETS, PRESETS, GPTConfig, LlamaConfig, config_class_for, config_from_preset,
+                                   rename_legacy_backend)
 from fusedgpt.model.gpt import GPT
+from fusedgpt.model.llama import Llama
 from fusedgpt.io import checkpoint as ckpt
 from fusedgpt.io.runlock import RunLock
 from fusedgpt.train import data as data_mod
@@ -100,8 +103,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.preset not in PRESETS and self.preset not in LLAMA_PRESETS:
+            raise ValueError(f"preset must be one of {', '.join([*PRESETS, *LLAMA_PRESETS])}, got {self.preset!r}")
         if not isinstance(self.model, dict):
             raise TypeError(f"model must be a table of GPTConfig fields, got {type(self.model).__name__}")
         positive = ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "keep_last", "log_every")
@@ -143,35 +146,38 @@ def check_seed(seed: Any) -> None:
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
 
 
-def flops_per_token(model: GPT, context_length: int) -> float:
+def flops_per_token(model: "GPT | Llama", context_length: int) -> float:
     """Training FLOPs per token: 6 per matmul parameter (forward + backward), the output
     head included, plus attention's ``12 * n_layer * T * n_embd`` (PaLM, appendix B)."""
     config = model.config
     matmul_params = model.num_parameters(non_embedding=True)
     if config.tie_weights:  # the head shares the (uncounted) embedding matrix but is a matmul
         matmul_params += config.padded_vocab_size * config.n_embd
-    return 6.0 * matmul_params + 12.0 * config.n_layer * context_length * config.n_embd
+    return 6.0 * matmul_params + 12.0 * config.n_layer * context_length * config.n_head * config.head_dim
 
 
-def model_config(cfg: TrainConfig, vocab_size: int, backend: str) -> GPTConfig:
+def model_config(cfg: TrainConfig, vocab_size: int, backend: str) -> "GPTConfig | LlamaConfig":
     """The model ``cfg`` describes: its preset with ``cfg.model`` and ``cfg.context_length``
     applied, for the data's vocabulary, on ``backend``."""
     overrides = {"vocab_size": vocab_size, **cfg.model, "backend": backend}
     if cfg.context_length is not None:
         overrides["context_length"] = cfg.context_length
-    return GPTConfig.from_preset(cfg.preset, **overrides)
+    return config_from_preset(cfg.preset, **overrides)
 
 
-def check_resumable(requested: GPTConfig, checkpoint: ckpt.Checkpoint) -> None:
+def check_resumable(requested: "GPTConfig | LlamaConfig", checkpoint: ckpt.Checkpoint) -> None:
     """Refuse to resume ``checkpoint`` as a model other than the one it holds.
 
     Raises:
         ValueError: naming every setting in which ``requested`` differs from the checkpoint's model.
     """
-    stored = checkpoint.model_config(GPTConfig, requested.backend)
+    stored = checkpoint.model_config(config_class_for(checkpoint.meta.get("model") or {}), requested.backend)
+    if type(stored) is not type(requested):
+        raise ValueError(f"--resume continues {checkpoint.path}, a {type(stored).__name__} model, but the "
+                         f"configuration asks for a {type(requested).__name__}: start a new run in another --out")
     differences = [
         f"{field.name} {getattr(requested, field.name)!r} (the checkpoint has {getattr(stored, field.name)!r})"
-        for field in dataclasses.fields(GPTConfig)
+        for field in dataclasses.fields(stored)
         if getattr(requested, field.name) != getattr(stored, field.name)
     ]
     if differences:
@@ -273,7 +279,7 @@ class Trainer:
         self.val_stream.check_fits(self.context_length)
 
         torch.manual_seed(cfg.seed)
-        self.model = GPT(config).to(self.device)
+        self.model = build_model(config).to(self.device)
         if self.resume_from is not None:
             self.resume_from.load_weights(self.model)  # whole weights, before any sharding
         self.train_model: torch.nn.Module = self.model
@@ -570,7 +576,7 @@ class Trainer:
 
 # (field, type, help) for every option with a flag; the flag is --field-with-dashes.
 _FLAGS: tuple[tuple[str, Any, str], ...] = (
-    ("preset", str, f"model preset: {', '.join(PRESETS)}"),
+    ("preset", str, f"model preset: {', '.join([*PRESETS, *LLAMA_PRESETS])}"),
     ("data", str, "prepared directory, or a text/JSONL file prepared on the fly (default: bundled Shakespeare)"),
     ("out", str, "run directory: metrics, plot, checkpoints"),
     ("tokenizer", str, "tokenizer for on-the-fly preparation: gpt2 or a ranks file"),
@@ -668,7 +674,7 @@ def _check_stored_config(checkpoint: ckpt.Checkpoint) -> None:
         TrainConfig.from_dict(stored)
     except (TypeError, ValueError) as exc:
         raise ckpt.CheckpointError(f"checkpoint {checkpoint.path} records an invalid training configuration: {exc}") from exc
-    checkpoint.model_config(GPTConfig, "torch")
+    checkpoint.model_config(config_class_for(checkpoint.meta.get("model") or {}), "torch")
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Optional[ckpt.Checkpoint]]:

@@ -307,3 +307,80 @@ def test_sliding_window_matches_transformers(tmp_path_factory, backend):
     expected = reference.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0,
                                   attention_mask=torch.ones_like(prompt))
     assert torch.equal(generate(model, prompt, 6, temperature=0), expected)
+
+
+# --------------------------------------------------------------------------- training and the commands
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    from fusedgpt.model.tokenizer import shakespeare_path
+
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(shakespeare_path().read_text()[:20_000])
+    return path
+
+
+def _train_argv(preset, corpus_file, out, steps):
+    return ["train", "--preset", preset, "--n-embd", "32", "--n-head", "2", "--data", str(corpus_file),
+            "--val-fraction", "0.05", "--out", str(out), "--max-steps", str(steps), "--batch-size", "2",
+            "--context-length", "16", "--eval-every", "1000", "--eval-batches", "1", "--sample-tokens", "3",
+            "--lr", "0.01", "--warmup-steps", "2", "--save-every", "4", "--seed", "7", "--backend", "torch",
+            "--no-progress"]
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "qwen3-tiny"])
+def test_train_resume_and_generate_commands(preset, corpus_file, tmp_path, capsys, monkeypatch):
+    """``fusedgpt train --preset llama-tiny``: the loss falls; a run stopped at a checkpoint and
+    resumed is bitwise the straight run; ``fusedgpt generate`` continues from the checkpoint."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from fusedgpt.cli import main
+    from fusedgpt.io import checkpoint as ckpt
+    from fusedgpt.train.trainer import Trainer
+
+    def losses(out):
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        return [r["train_loss"] for r in map(json.loads, lines) if "train_loss" in r]
+
+    straight = tmp_path / "straight"
+    assert main(_train_argv(preset, corpus_file, straight, 8)) == 0
+    assert "sample:" in capsys.readouterr().out
+    curve = losses(straight)
+    assert len(curve) == 8 and sum(curve[-2:]) / 2 < curve[0] - 0.3, curve
+
+    real_step = Trainer.train_step
+
+    def interrupted_after_four(self, step):  # a real Ctrl-C in the middle of step 4
+        result = real_step(self, step)
+        if step + 1 == 4:
+            signal.raise_signal(signal.SIGINT)
+        return result
+
+    split = tmp_path / "split"
+    monkeypatch.setattr(Trainer, "train_step", interrupted_after_four)
+    main(_train_argv(preset, corpus_file, split, 8))
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert ckpt.latest_checkpoint(split).name == "ckpt_00000004"
+    assert main(["train", "--out", str(split), "--resume", "--no-progress"]) == 0
+    assert losses(split) == curve  # bitwise
+    final, resumed = (load_file(d / "ckpt_00000008" / "model.safetensors") for d in (straight, split))
+    assert final.keys() == resumed.keys() and all(torch.equal(final[k], resumed[k]) for k in final)
+
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(straight), "--prompt", "ROMEO:", "--max-new-tokens", "5",
+                 "--temperature", "0", "--backend", "torch"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("ROMEO:") and len(printed) > len("ROMEO:\n")
+
+
+def test_resume_refuses_another_family(corpus_file, tmp_path, capsys):
+    from fusedgpt.cli import main
+
+    out = tmp_path / "run"
+    assert main(_train_argv("llama-tiny", corpus_file, out, 1)) == 0
+    argv = ["train", "--out", str(out), "--resume", "--max-steps", "2", "--preset", "tiny", "--no-progress"]
+    assert main(argv) == 2
+    assert "a LlamaConfig model, but the configuration asks for a GPTConfig" in capsys.readouterr().err
