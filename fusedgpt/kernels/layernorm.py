@@ -31,6 +31,8 @@ before its loop over rows.
 Saved for backward: the normalised input (``x``, or ``summed``), the weight, and the fp32
 ``rstd`` (and ``mean`` for LayerNorm), M floats each; ``xhat`` is recomputed, never stored.
 
+Both kernels are persistent (a program per resident slot, each looping over its rows), so
+with one block per row the weight (and bias) is read once per program, not once per row.
 IO per row, when the row fits one block (N <= 4096): forward reads x (and r) once and
 writes y (and s) once; backward reads s and dy (and d summed) once and writes dx (and, when
 x's dtype differs from r's, dx again in x's dtype). Per element of a GPT-2 block under bf16
@@ -285,12 +287,13 @@ def block_config(n: int) -> tuple[int, int, bool]:
 
 
 def resident_programs(device: torch.device, rows: int, num_warps: int) -> int:
-    """How many programs a persistent row loop launches: as many as the GPU holds at once
-    (64 warps per SM on sm_80 and sm_90), at most one per row. Off CUDA (the interpreter,
-    meta tensors) a few, as for the backward's reduction."""
+    """How many programs a persistent row loop launches: 32 warps per SM (half of what
+    sm_80 and sm_90 hold; at up to 64 registers per thread, as the compile report shows,
+    all of them are resident at once, so no program waits for a second wave), at most one
+    per row. Off CUDA (the interpreter, meta tensors) a few, as for the backward's reduction."""
     if device.type != "cuda":
         return _backend.num_programs_for_reduction(device, rows)
-    per_sm = max(1, 64 // num_warps)
+    per_sm = max(1, 32 // num_warps)
     return max(1, min(rows, per_sm * torch.cuda.get_device_properties(device).multi_processor_count))
 
 
@@ -565,8 +568,8 @@ def norm_variants(op: str, dtype: torch.dtype, workload, centered: bool) -> list
     """The compile report's builds of a norm (``centered``: LayerNorm, else RMSNorm) at
     ``workload``'s width, recorded from the launchers on meta tensors, forward and backward:
 
-    - the norm alone on rows, weight and bias all in ``dtype``: what the peers' kernels
-      run, so the one compared with them (a pre-norm model's first norm runs this kernel
+    - the norm alone on ``dtype`` rows with fp32 weights (as under autocast): the peers'
+      case, so the one compared with them (a pre-norm model's first norm runs this kernel
       on its fp32 stream);
     - the add + norm of every later block of a pre-norm model as it trains under autocast:
       a ``dtype`` branch added to the fp32 residual stream, fp32 weights, ``normed`` in
@@ -588,7 +591,7 @@ def norm_variants(op: str, dtype: torch.dtype, workload, centered: bool) -> list
     for has_residual in (False, True):
         stream_dtype = torch.float32 if has_residual else dtype
         rows, dy = cr.meta_tensor(m, n, dtype=stream_dtype), cr.meta_tensor(m, n, dtype=dtype)
-        weight = cr.meta_tensor(n, dtype=stream_dtype)
+        weight = cr.meta_tensor(n, dtype=torch.float32)
         bias = weight if centered else None
         x, residual = (cr.meta_tensor(m, n, dtype=dtype), rows) if has_residual else (rows, None)
         with cr.launches(module, "_layer_norm_fwd_kernel") as forward:

@@ -62,9 +62,11 @@ def _rotate_heads(X, Y, x_token, y_token, stride_xh, stride_yh, n_heads, cos, si
     pairs = tl.arange(0, BLOCK_HALF)
     features = tl.arange(0, 2 * BLOCK_HALF)
     for head_start in range(0, n_heads, BLOCK_H):
-        heads = (head_start + tl.arange(0, BLOCK_H)).to(tl.int64)
-        x_ptrs = X + x_token + heads[:, None] * stride_xh
-        y_ptrs = Y + y_token + heads[:, None] * stride_yh
+        # Offsets within one token's heads fit in 32 bits (they are below its row stride);
+        # only the token's base offset needs 64, which keeps the per-head address math short.
+        heads = head_start + tl.arange(0, BLOCK_H)
+        x_ptrs = X + x_token + (heads * stride_xh)[:, None]
+        y_ptrs = Y + y_token + (heads * stride_yh)[:, None]
         if INTERLEAVED:
             # The whole head, then its (even, odd) features split apart in registers.
             mask = (heads < n_heads)[:, None] & (features < 2 * half)[None, :]
@@ -124,10 +126,12 @@ def _rotary_kernel(
 
 def block_config(head_dim: int, heads: int) -> tuple[int, int, int]:
     """``(BLOCK_H, BLOCK_HALF, num_warps)`` for ``heads`` (the larger of q's and k's head
-    counts) of ``head_dim`` features: a tile of at most MAX_TILE (head, pair) elements."""
+    counts) of ``head_dim`` features: a tile of at most MAX_TILE (head, pair) elements,
+    16 pairs per thread (two 128-bit loads of each half in 16-bit dtypes), so the per-head
+    address and mask arithmetic of an iteration is shared by 32 features; at least 2 warps."""
     block_half = triton.next_power_of_2(head_dim // 2)
     block_h = min(triton.next_power_of_2(heads), max(1, MAX_TILE // block_half))
-    num_warps = min(max(block_h * block_half // 256, 1), 8)
+    num_warps = min(max(block_h * block_half // 512, 2), 8)
     return block_h, block_half, num_warps
 
 
