@@ -287,6 +287,42 @@ def _flag_gems_rotary(dtype: torch.dtype, workload: cr.Workload) -> list[cr.Kern
             for launch in (x for r in forward for x in cr.expand(r))]
 
 
+def _flag_gems_attention_backward(dtype: torch.dtype, workload: cr.Workload) -> list[cr.KernelVariant]:
+    b, t, h, d = workload.batch, workload.seq, workload.heads, workload.head_dim
+    item = torch.empty((), dtype=dtype).element_size()
+    # Its backward asserts contiguous (B, H, T, D) inputs.
+    q, k, v, o, do = (cr.meta_tensor(b, h, t, d, dtype=dtype) for _ in range(5))
+    lse = cr.meta_tensor(b, h, t, dtype=torch.float32)
+    with _stand_in_gpu():
+        gems = importlib.import_module("flag_gems.ops.attention")
+        with cr.launches(gems, "_attn_bwd_preprocess", "_attn_bwd") as backward:
+            gems.scaled_dot_product_attention_backward(do, q, k, v, o, lse, is_causal=True)
+    per_head, tensors, vectors = t * (t + 1) / 2 / 1024, t * d * item, 4 * t
+    found = []
+    for launch in (x for r in backward for x in cr.expand(r)):
+        args = launch.args
+        if "BLOCK_M1" not in args:  # delta = rowsum(o * dO): BLOCK_M queries of (T + 1) / 2 keys each
+            work = cr.Work("1K pairs", args["BLOCK_M"] * (t + 1) / 2 / 1024, (2 * tensors + vectors) / per_head,
+                           10 * d * 1024, loops="sequence")
+            found.append(cr.jit_variant("attention", "bwd", launch, impl="flag-gems", workload=workload,
+                                        show=("BLOCK_M",), work=work))
+            continue
+        # It autotunes over 18 configs on a GPU; compiled here: those with 3 stages. One
+        # kernel: dK/dV of a key block (a diagonal loop over query blocks of BLOCK_M1 / SLICE,
+        # then full ones of BLOCK_M1), then dQ of a query block (diagonal key blocks of
+        # BLOCK_N2 / SLICE, then full ones of BLOCK_N2) — four loops on different tiles. It
+        # must read q, k, v, dO, lse and delta and write dQ, dK and dV.
+        if launch.options["num_stages"] != 3:
+            continue
+        m1, n1, m2, n2, sl = (args[k] for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2", "BLK_SLICE_FACTOR"))
+        work = cr.Work("1K pairs", (m1 // sl * n1 / 1024, m1 * n1 / 1024, m2 * n2 // sl / 1024, m2 * n2 / 1024),
+                       (7 * tensors + 2 * vectors) / per_head, 10 * d * 1024,
+                       loops=("masked", "main", "masked", "main"))
+        found.append(cr.jit_variant("attention", "bwd", launch, impl="flag-gems", workload=workload,
+                                    show=("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"), work=work))
+    return found
+
+
 def _not_described(package: str, why: str) -> Callable:
     """A peer kernel this tool cannot yet normalise: importing the package is tried (so an
     import failure is the reason given), then ``why``."""
@@ -313,9 +349,7 @@ PEERS: list[tuple[str, str, Callable]] = [
     ("liger-kernel", "rotary", _liger_rope),
     ("flag-gems", "rotary", _flag_gems_rotary),
     ("liger-kernel", "swiglu", _liger_swiglu),
-    ("flag-gems", "attention", _not_described(
-        "flag_gems", "backward not compared: one kernel runs dK/dV and dQ loops over different tiles, and the "
-                     "per-unit count here takes one tile per kernel")),
+    ("flag-gems", "attention", _flag_gems_attention_backward),
     ("flash-attn-triton", "attention", _not_described("flash_attn_triton", "imported; no description yet")),
 ]
 

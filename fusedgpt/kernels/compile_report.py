@@ -172,16 +172,19 @@ class Work:
 
     ``per_iteration``: units of work per iteration of the innermost loop (per program), or
     per program for a kernel without a loop. ``loops``: "alternatives" when each unit goes
-    through one of the loops (unmasked or masked), "sequence" when through all of them.
+    through one of the loops (the shorter is the unmasked main loop, the longer the masked
+    one), "sequence" when through all of them; or, for a kernel whose innermost loops work
+    on different tiles, one role per loop in address order ("main" or "masked"), with
+    ``per_iteration`` then one figure per loop.
     ``min_bytes``: bytes per unit this kernel must move at least (its compulsory reads and
     writes). ``mma_flops``: matmul flops per unit the whole pass's algorithm needs (0
     without matmuls), so that a kernel's MMA redundancy is its share of the pass's."""
 
     unit: str
-    per_iteration: float
+    per_iteration: float | tuple
     min_bytes: float
     mma_flops: float = 0.0
-    loops: str = "alternatives"
+    loops: str | tuple = "alternatives"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,6 +405,10 @@ def _memory_width(opcode: str) -> int:
     return 32
 
 
+# Tensor-core time relative to 16-bit inputs: TF32 runs at half the rate.
+MMA_SLOWDOWN = {"TF32": 2.0}
+
+
 def _mma_flops_per_warp(opcode: str) -> float:
     """Multiply-add flops one warp's issue of a tensor-core instruction does: HMMA.MNK is per
     warp; HGMMA.MxNxK is per warpgroup of 4 warps."""
@@ -422,7 +429,7 @@ def read_section(instructions: Sequence[tuple[int, str, str]]) -> dict:
     memory: collections.Counter = collections.Counter()
     mufu: collections.Counter = collections.Counter()
     mma: collections.Counter = collections.Counter()
-    memory_bits = mma_flops = exp_fixups = 0
+    memory_bits = mma_flops = mma_time = exp_fixups = 0
     for _, opcode, operands in instructions:
         head = opcode.split(".")[0]
         if head in ("LDG", "STG", "LDGSTS"):
@@ -436,11 +443,13 @@ def read_section(instructions: Sequence[tuple[int, str, str]]) -> dict:
         elif head in ("HMMA", "HGMMA"):
             mma[opcode] += 1
             mma_flops += _mma_flops_per_warp(opcode)
+            slowdown = max([MMA_SLOWDOWN.get(part, 1.0) for part in opcode.split(".")])
+            mma_time += _mma_flops_per_warp(opcode) * slowdown
         elif head == "FSETP" and re.search(r"(^|[ ,])-126(\b|$)", operands):
             exp_fixups += 1
     real = [i for i in instructions if i[1] != "NOP"]
     return dict(insts=len(real), memory=dict(memory), memory_bytes=memory_bits * 32 / 8, mufu=dict(mufu),
-                mma=dict(mma), mma_flops=mma_flops, exp_fixups=exp_fixups)
+                mma=dict(mma), mma_flops=mma_flops, mma_time=mma_time, exp_fixups=exp_fixups)
 
 
 def sass_cost(sass: str) -> dict:
@@ -457,15 +466,37 @@ def sass_cost(sass: str) -> dict:
     )
 
 
-def per_unit(section: dict, work: Work, num_warps: int) -> dict:
-    """A section's per-warp counts as per-unit figures for a program of ``num_warps``."""
-    scale = num_warps / work.per_iteration
+def per_unit(section: dict, per_iteration: float, num_warps: int) -> dict:
+    """A section's per-warp counts as per-unit figures for a program of ``num_warps`` that
+    does ``per_iteration`` units per pass through it."""
+    scale = num_warps / per_iteration
     return dict(
         insts=section["insts"] * scale,
         mufu=sum(section["mufu"].values()) * scale,
         bytes=section["memory_bytes"] * scale,
         mma_flops=section["mma_flops"] * scale,
+        mma_time=section["mma_time"] * scale,
     )
+
+
+def _sum_figures(figures: Sequence[dict]) -> dict:
+    return {key: sum(f[key] for f in figures) for key in ("insts", "mufu", "bytes", "mma_flops", "mma_time")}
+
+
+def _merge_counts(sections: Sequence[dict], key: str) -> dict:
+    return dict(sum((collections.Counter(s[key]) for s in sections), collections.Counter()))
+
+
+def loop_roles(loop_count: int, work: Work) -> list[tuple[str, float]]:
+    """(role, units per iteration) of each innermost loop, in address order: "main" loops
+    make the headline figures, "masked" ones the masked column, others are left out."""
+    if isinstance(work.loops, tuple):
+        if len(work.loops) != loop_count:
+            raise ValueError(f"the kernel has {loop_count} innermost loops, its Work describes {len(work.loops)}")
+        return list(zip(work.loops, work.per_iteration))
+    if work.loops == "sequence" or loop_count <= 1:
+        return [("main", work.per_iteration)] * loop_count
+    return [("other", work.per_iteration)] * loop_count  # alternatives: sorted by size below
 
 
 def model_cycles(figures: dict, min_bytes: float, arch: str) -> dict:
@@ -474,7 +505,7 @@ def model_cycles(figures: dict, min_bytes: float, arch: str) -> dict:
     move (re-reads included, all lanes counted) at L2 bandwidth."""
     rates = MODEL[arch]
     terms = dict(
-        tensor=figures["mma_flops"] / rates["mma_flops"],
+        tensor=figures["mma_time"] / rates["mma_flops"],
         mufu=figures["mufu"] * 32 / rates["mufu_lanes"],
         issue=figures["insts"] / rates["issue"],
         hbm=min_bytes / rates["hbm_bytes"],
@@ -484,34 +515,40 @@ def model_cycles(figures: dict, min_bytes: float, arch: str) -> dict:
 
 
 def cost_columns(sass: str, work: Work, num_warps: int, arch: str) -> dict:
-    """The cost columns of one build: the main loop (or the whole kernel without one) per
-    unit of work, the masked loop where there is one, the code outside the loops."""
+    """The cost columns of one build: the main loop(s) (or the whole kernel without one) per
+    unit of work, the masked loop(s) where there are, the code outside the loops."""
     found = sass_cost(sass)
-    sections = found["loops"] or [found["whole"]]
-    if work.loops == "sequence" or len(sections) == 1:
-        main = {key: sum(s[key] for s in sections) if isinstance(sections[0][key], (int, float))
-                else dict(sum((collections.Counter(s[key]) for s in sections), collections.Counter()))
-                for key in sections[0]}
-        masked = None
-    else:  # the unmasked loop is the shorter one; the masked one pays for its compares
-        main, masked = sorted(sections, key=lambda s: s["insts"])[0], sorted(sections, key=lambda s: s["insts"])[-1]
-    figures = per_unit(main, work, num_warps)
+    if not found["loops"]:
+        roles = [("main", work.per_iteration)]
+        sections = [found["whole"]]
+    else:
+        sections = found["loops"]
+        roles = loop_roles(len(sections), work)
+        if roles[0][0] == "other":  # the unmasked loop is the shorter; the masked one pays for its compares
+            by_size = sorted(range(len(sections)), key=lambda i: sections[i]["insts"])
+            roles = [("main" if i == by_size[0] else "masked" if i == by_size[-1] else "other", work.per_iteration)
+                     for i in range(len(sections))]
+    main = [(s, per) for s, (role, per) in zip(sections, roles) if role == "main"]
+    masked = [(s, per) for s, (role, per) in zip(sections, roles) if role == "masked"]
+    figures = _sum_figures([per_unit(s, per, num_warps) for s, per in main])
     model = model_cycles(figures, work.min_bytes, arch)
-    ex2, fixups = main["mufu"].get("EX2", 0), main["exp_fixups"]
+    main_sections = [s for s, _ in main]
+    ex2, fixups = sum(s["mufu"].get("EX2", 0) for s in main_sections), sum(s["exp_fixups"] for s in main_sections)
     return dict(
         unit=work.unit,
         loops=len(found["loops"]),
         insts_per_unit=round(figures["insts"], 3),
-        masked_insts_per_unit=round(per_unit(masked, work, num_warps)["insts"], 3) if masked else None,
+        masked_insts_per_unit=round(sum(per_unit(s, per, num_warps)["insts"] for s, per in masked), 3) if masked
+        else None,
         outside_loop_insts=found["outside"]["insts"],
-        mufu=main["mufu"],
+        mufu=_merge_counts(main_sections, "mufu"),
         mufu_per_unit=round(figures["mufu"], 4),
         exp_ftz=None if not ex2 else fixups == 0,
-        load_widths=main["memory"],
+        load_widths=_merge_counts(main_sections, "memory"),
         tma=found["whole"]["memory"].get("UTMALDG", 0) + found["whole"]["memory"].get("UTMASTG", 0),
         bytes_per_unit=round(figures["bytes"], 3),
         min_bytes_per_unit=round(work.min_bytes, 3),
-        mma=main["mma"],
+        mma=_merge_counts(main_sections, "mma"),
         mma_flops_per_unit=figures["mma_flops"],
         mma_redundancy=round(figures["mma_flops"] / work.mma_flops, 3) if work.mma_flops else None,
         model={k: (round(v, 2) if isinstance(v, float) else v) for k, v in model.items()},
@@ -571,8 +608,17 @@ def compile_variant(variant: KernelVariant, arch: str) -> dict:
         "occupancy": round(occupancy(registers, shared, variant.num_warps, limits["shared_per_sm"]), 3),
         "hmma": len(re.findall(r"\bHMMA\.", sass)),
         "hgmma": len(re.findall(r"\bHGMMA\.", sass)),
-        **cost_columns(sass, variant.work, variant.num_warps, arch),
+        **_cost_or_error(sass, variant, arch),
     }
+
+
+def _cost_or_error(sass: str, variant: KernelVariant, arch: str) -> dict:
+    """The cost columns, or, where the SASS does not have the loops the Work describes, the
+    reason as the row's error (listed as a problem, never dropped)."""
+    try:
+        return cost_columns(sass, variant.work, variant.num_warps, arch)
+    except ValueError as exc:
+        return {"error": f"cost: {exc}"}
 
 
 def _error_line(exc: Exception) -> str:
@@ -650,7 +696,8 @@ def problems(rows: Sequence[dict]) -> list[str]:
     for row in rows:
         where = f"{row['op']}/{row['kernel']} {row['dtype']} {row['arch']} {row['config']}"
         if "error" in row:
-            found.append(f"{where}: does not compile: {row['error']}")
+            cost = row["error"].startswith("cost:")
+            found.append(f"{where}: {'its cost cannot be read' if cost else 'does not compile'}: {row['error']}")
             continue
         if row["spill_bytes"]:
             found.append(f"{where}: spills {row['spill_bytes']} bytes")

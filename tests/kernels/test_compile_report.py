@@ -155,13 +155,26 @@ def test_sass_reading():
     assert sequence["insts_per_unit"] == pytest.approx(9 * 4 / 64, abs=1e-3) and sequence["exp_ftz"] is False
 
 
+def test_loops_on_different_tiles_are_normalised_each_by_its_own():
+    # Two loops: a masked one doing 32 units per iteration, a main one doing 64.
+    work = report.Work("thing", per_iteration=(32, 64), min_bytes=1.0, loops=("masked", "main"))
+    cost = report.cost_columns(SASS, work, num_warps=4, arch="sm_90")
+    assert cost["insts_per_unit"] == pytest.approx(2 * 4 / 64, abs=1e-3)
+    assert cost["masked_insts_per_unit"] == pytest.approx(7 * 4 / 32, abs=1e-3)
+    with pytest.raises(ValueError, match="2 innermost loops, its Work describes 3"):
+        report.cost_columns(SASS, report.Work("thing", (1, 1, 1), 1.0, loops=("main",) * 3), 4, "sm_90")
+
+
 def test_model_takes_the_slowest_resource():
-    model = report.model_cycles(dict(insts=40.0, mufu=1.0, bytes=0.0, mma_flops=0.0), 0.0, "sm_90")
+    model = report.model_cycles(dict(insts=40.0, mufu=1.0, bytes=0.0, mma_flops=0.0, mma_time=0.0), 0.0, "sm_90")
     assert model["bound"] == "issue" and model["cycles"] == 10.0
-    model = report.model_cycles(dict(insts=4.0, mufu=0.0, bytes=0.0, mma_flops=0.0), 139.0, "sm_90")
+    model = report.model_cycles(dict(insts=4.0, mufu=0.0, bytes=0.0, mma_flops=0.0, mma_time=0.0), 139.0, "sm_90")
     assert model["bound"] == "hbm" and model["cycles"] == pytest.approx(10.0)
-    model = report.model_cycles(dict(insts=4.0, mufu=0.0, bytes=474.0, mma_flops=0.0), 0.0, "sm_90")
+    model = report.model_cycles(dict(insts=4.0, mufu=0.0, bytes=474.0, mma_flops=0.0, mma_time=0.0), 0.0, "sm_90")
     assert model["bound"] == "l2" and model["cycles"] == pytest.approx(10.0)
+    # TF32 matmuls take twice as long per flop as bf16 ones
+    model = report.model_cycles(dict(insts=0.0, mufu=0.0, bytes=0.0, mma_flops=4096.0, mma_time=8192.0), 0.0, "sm_90")
+    assert model["bound"] == "tensor" and model["cycles"] == 2.0
 
 
 def test_problems_flags_spills_overflow_and_errors():
