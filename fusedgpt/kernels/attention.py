@@ -399,10 +399,10 @@ def _bwd_query_blocks(
     order. One flat loop over (head, block) rather than a loop over heads around the loop
     over blocks: the nested form holds more registers. Tiles are transposed (key, query),
     so that every product has the key block as its M dimension."""
-    blocks = tl.cdiv(end - start, BLOCK_M)
-    for step in range(0, kv_group * tl.maximum(blocks, 0)):
-        g = step // blocks  # the g-th query head of the group
-        start_m = start + (step - g * blocks) * BLOCK_M
+    blocks = tl.maximum(tl.cdiv(end - start, BLOCK_M), 0)
+    g = 0  # the g-th query head of the group
+    start_m = start
+    for _ in range(0, kv_group * blocks):
         Qg = Q + tl.cast(g, tl.int64) * stride_qh
         DOg = DO + tl.cast(g, tl.int64) * stride_doh
         LSEg = LSE + tl.cast(g, tl.int64) * Tq
@@ -429,6 +429,11 @@ def _bwd_query_blocks(
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         ds_t = _through_softcap(p_t * (dp_t - delta[None, :]), s_t, qk_softcap, SOFTCAP)
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        # The next block, or the first block of the next head (no division in the loop).
+        start_m += BLOCK_M
+        next_head = start_m >= end
+        start_m = tl.where(next_head, start, start_m)
+        g += next_head.to(tl.int32)
     return dk, dv
 
 
