@@ -384,3 +384,46 @@ def test_resume_refuses_another_family(corpus_file, tmp_path, capsys):
     argv = ["train", "--out", str(out), "--resume", "--max-steps", "2", "--preset", "tiny", "--no-progress"]
     assert main(argv) == 2
     assert "a LlamaConfig model, but the configuration asks for a GPTConfig" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- packed sequences
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_packed_sequences_equal_running_each_alone(backend):
+    """Sequences packed into one row (cu_seqlens) give each sequence's own logits, loss and
+    gradients: nothing attends across a boundary and positions restart at every sequence."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=V, context_length=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8,
+                         intermediate_size=48, qk_norm=True, tie_weights=False, backend=backend)
+    model = Llama(config)
+    lengths = [5, 1, 9, 4]
+    sequences = [torch.randint(0, V, (1, n), generator=torch.Generator().manual_seed(n)) for n in lengths]
+    targets = [torch.randint(0, V, (1, n), generator=torch.Generator().manual_seed(100 + n)) for n in lengths]
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+    packed_logits = model(torch.cat(sequences, 1), cu_seqlens=cu_seqlens)
+    alone_logits = torch.cat([model(s) for s in sequences], 1)
+    torch.testing.assert_close(packed_logits, alone_logits, atol=1e-5, rtol=0)
+
+    packed_loss = model(torch.cat(sequences, 1), torch.cat(targets, 1), cu_seqlens=cu_seqlens)
+    packed_grads = torch.autograd.grad(packed_loss, list(model.parameters()))
+    alone_loss = sum(model(s, t) * t.numel() for s, t in zip(sequences, targets)) / sum(lengths)
+    alone_grads = torch.autograd.grad(alone_loss, list(model.parameters()))
+    torch.testing.assert_close(packed_loss, alone_loss, atol=1e-6, rtol=1e-6)
+    for packed, alone in zip(packed_grads, alone_grads):
+        torch.testing.assert_close(packed, alone, atol=1e-6, rtol=1e-5)
+
+
+def test_packed_sequences_bad_offsets_are_refused():
+    model = Llama(LlamaConfig(vocab_size=V, context_length=32, n_layer=1, backend="torch"))
+    idx = torch.randint(0, V, (1, 6))
+    for cu_seqlens, error, message in [
+        (torch.tensor([0, 6]), TypeError, "int32"),
+        (torch.tensor([0, 3, 5], dtype=torch.int32), ValueError, "rising from 0 to total"),
+        (torch.tensor([0, 3, 3, 6], dtype=torch.int32), ValueError, "no empty sequence"),
+    ]:
+        with pytest.raises(error, match=message):
+            model(idx, cu_seqlens=cu_seqlens)
+    with pytest.raises(ValueError, match="KV cache"):
+        model(idx, cache=KVCache(32), cu_seqlens=torch.tensor([0, 6], dtype=torch.int32))
