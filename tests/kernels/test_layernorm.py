@@ -1,4 +1,8 @@
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -112,6 +116,28 @@ def test_torch_compile_fullgraph_matches_eager(device):
     for name in leaves:
         torch.testing.assert_close(leaves[name].grad, eager_leaves[name].grad, rtol=1e-5, atol=1e-5)
     assert_parity(compiled, lambda **kw: block(**kw, backend="torch"), inputs)
+
+
+def test_main_loops_move_only_the_rows_128_bits_at_a_time():
+    # The sm_90 builds at GPT-2 width (768 of a 1024-wide block, 4 warps: 8 bf16 or fp32
+    # features per thread), read from their SASS: per row, each loop moves only its rows
+    # -- bf16 x, dy and outputs one LDG/STG.128 per thread, the fp32 stream and its
+    # gradient two -- plus the fp32 row statistics. The weight and bias are loaded once
+    # per program, outside the loops. (In a child process: the compile report needs the
+    # real JIT kernels, not the interpreter's.)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "fusedgpt", "kernels", "inspect", "--op", "layernorm", "--arch", "sm_90",
+         "--dtype", "bf16", "--json"], capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    widths = {(row["pass"], row["config"].get("HAS_RESIDUAL", row["config"].get("HAS_DSUM"))): row["load_widths"]
+              for row in json.loads(result.stdout)}
+    assert widths == {
+        ("fwd", False): {"LDG.128": 1, "STG.128": 1, "STG.32": 2},  # x; y, mean and rstd
+        ("fwd", True): {"LDG.128": 3, "STG.128": 3, "STG.32": 2},  # x, stream; summed, y
+        ("bwd", False): {"LDG.128": 2, "LDG.32": 2, "STG.128": 1},  # dy, x, mean, rstd; dx
+        ("bwd", True): {"LDG.128": 5, "LDG.32": 2, "STG.128": 3},  # dy, summed, d summed; d stream, d branch
+    }
 
 
 def _mixed_inputs(shape, device, branch_dtype):
