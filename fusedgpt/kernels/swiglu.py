@@ -42,10 +42,18 @@ MAX_BLOCK = 1024
 
 
 @triton.jit
+def _sigmoid(x):
+    """``1 / (1 + e^-x)`` from exp2 of a pre-scaled argument (one MUFU.EX2, without the
+    range fix-up that ``tl.exp`` and ``tl.sigmoid`` wrap around it) and an approximate
+    division (MUFU.RCP and a multiply; within 2 ulp): e^-x overflowing to inf gives 0."""
+    return tl.fdiv(1.0, 1.0 + tl.exp2(x * -1.4426950408889634), ieee_rounding=False)
+
+
+@triton.jit
 def _load_pair(G, U, row, stride_g, stride_u, cols, mask):
     gate = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
-    return gate, up, tl.sigmoid(gate)
+    return gate, up, _sigmoid(gate)
 
 
 @triton.jit
