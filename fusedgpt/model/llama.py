@@ -74,6 +74,8 @@ class PackedSequences:
     def of(cls, cu_seqlens: Tensor, idx: Tensor, cache: Optional[KVCache]) -> "PackedSequences":
         if cache is not None:
             raise ValueError("Llama: cu_seqlens (packed sequences) cannot be used with a KV cache")
+        if not isinstance(idx, Tensor) or idx.dim() != 2:
+            raise ValueError(f"Llama: packed sequences need idx of shape (1, total), got {getattr(idx, 'shape', idx)!r}")
         if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
             raise TypeError(f"Llama: cu_seqlens must be an int32 (N + 1,) tensor, got "
                             f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens))}")
@@ -209,9 +211,11 @@ class Llama(nn.Module):
                 Not with ``cache``.
         """
         start = cache.length if cache is not None else 0
-        self._check_inputs(idx, targets, start)
-        B, T = idx.shape
         packed = None if cu_seqlens is None else PackedSequences.of(cu_seqlens, idx, cache)
+        # A packed row may be longer than the context; each of its sequences may not, so
+        # GPT's context check sees the row as ending at the longest sequence's length.
+        self._check_inputs(idx, targets, start if packed is None else packed.max_seqlen - idx.shape[1])
+        B, T = idx.shape
         if packed is not None:
             positions = packed.positions
         else:  # None: token t at position t, the rotary op's default

@@ -28,7 +28,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from fusedgpt.hardware import add_device_arguments, autocast, choose_backend, resolve_device
-from fusedgpt.model.config import PRESETS, GPTConfig
+from fusedgpt.model import build_model
+from fusedgpt.model.config import LLAMA_PRESETS, PRESETS, config_class_for, config_from_preset
 from fusedgpt.model.gpt import GPT
 from fusedgpt.io import checkpoint as ckpt
 from fusedgpt.io import written
@@ -104,7 +105,7 @@ def load_base(checkpoint: Optional[str], *, preset: str, tokenizer: Optional[str
     if checkpoint is None:
         name = tokenizer or "gpt2"
         encoding = get_tokenizer(name)
-        model = GPT(GPTConfig.from_preset(preset, vocab_size=encoding.n_vocab, backend=backend))
+        model = build_model(config_from_preset(preset, vocab_size=encoding.n_vocab, backend=backend))
         source = f"a randomly initialised {preset!r} model (no --checkpoint)"
     else:
         model, trained_tokenizer = load_for_generation(checkpoint, backend=backend)
@@ -197,8 +198,10 @@ def check_out(out: PathLike, command: str) -> RunLock:
 
 def save(out: PathLike, step: int, model: torch.nn.Module, meta: dict[str, Any]) -> Path:
     """Write the fine-tuned model as ``OUT/ckpt_{step}`` (atomically; no optimizer state).
-    ``named_parameters`` lists a tied weight once, under its first name."""
-    weights = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    ``named_parameters`` lists a tied weight once, under its first name; non-persistent
+    buffers (Llama's rotary tables) are derived from the config, not weights."""
+    persistent = model.state_dict().keys()
+    weights = {**dict(model.named_parameters()), **{n: b for n, b in model.named_buffers() if n in persistent}}
     if not ckpt.weights_finite(weights):
         raise TrainingDiverged("the fine-tuned weights hold NaN or infinite values; not saving them")
     path = ckpt.save_checkpoint(out, step, weights, None, meta, keep_last=1)
@@ -218,7 +221,7 @@ def open_finetuned(path: PathLike, task: str, *, backend: str) -> tuple[ckpt.Che
     if found != task:
         what = f"a fine-tuning checkpoint of task {found!r}" if found else "a pretraining checkpoint"
         raise ckpt.CheckpointError(f"{checkpoint.path} is {what}, not of task {task!r}")
-    model = GPT(checkpoint.model_config(GPTConfig, backend))
+    model = build_model(checkpoint.model_config(config_class_for(checkpoint.meta.get("model") or {}), backend))
     if checkpoint.meta.get("lora"):
         apply_lora(model, LoRAConfig.from_dict(checkpoint.meta["lora"]))
     return checkpoint, model.eval()
@@ -233,7 +236,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, out: str, epochs: int, bat
     start.add_argument("--checkpoint", default=None,
                        help="a fusedgpt train checkpoint or run directory, a Hugging Face GPT-2 directory, or "
                             "gpt2/gpt2-medium/...; default: a randomly initialised --preset model")
-    start.add_argument("--preset", default="tiny", choices=PRESETS, help="model preset without --checkpoint")
+    start.add_argument("--preset", default="tiny", choices=[*PRESETS, *LLAMA_PRESETS],
+                       help="model preset without --checkpoint")
     start.add_argument("--tokenizer", default=None,
                        help="tokenizer name or ranks file (default: the checkpoint's, else gpt2)")
     opt = parser.add_argument_group("optimisation")
@@ -273,7 +277,7 @@ def base_from_args(args: argparse.Namespace) -> Base:
     base = load_base(args.checkpoint, preset=args.preset, tokenizer=args.tokenizer,
                      backend=choose_backend(device, args.backend), device=device, seed=args.seed)
     print(f"start: {base.source}; tokenizer {base.tokenizer_name}; backend={base.model.config.backend}; "
-          f"device {base.model.transformer.wte.weight.device}")
+          f"device {next(base.model.parameters()).device}")
     return base
 
 

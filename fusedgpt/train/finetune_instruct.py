@@ -51,6 +51,7 @@ import torch
 from fusedgpt.hardware import autocast, resolve_device
 from fusedgpt.io import written
 from fusedgpt.model.gpt import GPT
+from fusedgpt.model.llama import Llama
 from fusedgpt.train import finetune
 from fusedgpt.train import finetune_data as fdata
 from fusedgpt.train.finetune_data import Instruction
@@ -124,6 +125,21 @@ def collate(batch: Sequence[EncodedInstruction], pad_id: int, mask_prompt: bool)
         for row, example in enumerate(batch):
             targets[row, : example.prompt_length - 1] = IGNORE_INDEX
     return inputs, targets
+
+
+def pack(batch: Sequence[EncodedInstruction], mask_prompt: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The batch's sequences back to back in one row, for variable-length attention: inputs
+    and targets (1, total) int64 as :func:`collate` builds them (prompt targets -100 with
+    ``mask_prompt``) but with no padding, and ``cu_seqlens`` (N + 1,) int32, where sequence n
+    occupies ``cu_seqlens[n] .. cu_seqlens[n + 1]``. The loss is the padded batch's."""
+    if not batch or any(len(e.tokens) < 2 for e in batch):
+        raise ValueError("pack needs at least one example, each of at least 2 tokens")
+    inputs = [token for e in batch for token in e.tokens[:-1]]
+    targets = [IGNORE_INDEX if mask_prompt and j < e.prompt_length - 1 else token
+               for e in batch for j, token in enumerate(e.tokens[1:])]
+    lengths = torch.tensor([len(e.tokens) - 1 for e in batch])
+    cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).to(torch.int32)])
+    return torch.tensor([inputs]), torch.tensor([targets]), cu_seqlens
 
 
 def learnable(examples: list[EncodedInstruction], mask_prompt: bool, what: str,
@@ -222,7 +238,7 @@ def answer_held_out(model: GPT, tokenizer: Any, template: PromptTemplate, exampl
                     max_new_tokens: int, out: Path) -> int:
     """Answer ``examples`` greedily into ``OUT/responses.jsonl`` (each beside its reference
     output); returns how many answers match their reference exactly."""
-    device = model.transformer.wte.weight.device
+    device = next(model.parameters()).device
     responses = respond(model, tokenizer, [template.format(e) for e in examples], max_new_tokens, device)
     fdata.write_jsonl(out / "responses.jsonl", ({**e.to_dict(), "response": r} for e, r in zip(examples, responses)))
     written.record_written(out, out / "responses.jsonl")
@@ -244,7 +260,10 @@ def run(args: argparse.Namespace) -> int:
 
     base = finetune.base_from_args(args)
     model, tokenizer = base.model, base.tokenizer
-    device = model.transformer.wte.weight.device
+    device = next(model.parameters()).device
+    if args.pack and not isinstance(model, Llama):
+        raise ValueError("--pack needs a Llama-family model (e.g. --preset llama-tiny): GPT-2's learned positions "
+                         "do not restart within a packed row")
     data = {}
     for name, items in examples.items():
         data[name], truncated = encode_instructions(items, tokenizer, template, model.config.context_length)
@@ -264,8 +283,13 @@ def run(args: argparse.Namespace) -> int:
     pad_id = tokenizer.eot_token
 
     def batch_loss(indices: list[int]) -> tuple[Tensor, dict[str, float]]:
-        inputs, targets = collate([data["train"][i] for i in indices], pad_id, args.mask_prompt)
-        loss = model(inputs.to(device), targets.to(device))
+        batch = [data["train"][i] for i in indices]
+        if args.pack:
+            inputs, targets, cu_seqlens = pack(batch, args.mask_prompt)
+            loss = model(inputs.to(device), targets.to(device), cu_seqlens=cu_seqlens.to(device))
+        else:
+            inputs, targets = collate(batch, pad_id, args.mask_prompt)
+            loss = model(inputs.to(device), targets.to(device))
         kept = int((targets != IGNORE_INDEX).sum())
         return loss, {"loss": loss.item() * kept, "tokens": kept}
 
@@ -292,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
     if not has_lora(model):
         model.save_pretrained(out / "hf")
         written.record_written(out, out / "hf")
-        print(f"GPT-2 (Hugging Face) export: {out / 'hf'}; fusedgpt generate --checkpoint {out} reads the checkpoint")
+        print(f"Hugging Face export: {out / 'hf'}; fusedgpt generate --checkpoint {out} reads the checkpoint")
     lock.release()
     return 0
 
@@ -304,6 +328,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--val-fraction", type=float, default=0.1, help="share of --data held out")
     data.add_argument("--template", choices=sorted(TEMPLATES), default="alpaca", help="prompt template")
     data.add_argument("--mask-prompt", action="store_true", help="no loss on the prompt tokens, only on the response")
+    data.add_argument("--pack", action="store_true",
+                      help="train on each batch's examples packed into one row (variable-length attention, no "
+                           "padding; Llama-family models)")
     parser.add_argument("--responses", type=int, default=100, help="held-out instructions to answer at the end")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per response at most")
     finetune.add_arguments(parser, out="runs/instruct", epochs=2, batch_size=8, lr=1e-4)
