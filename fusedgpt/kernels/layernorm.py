@@ -31,7 +31,7 @@ before its loop over rows.
 Saved for backward: the normalised input (``x``, or ``summed``), the weight, and the fp32
 ``rstd`` (and ``mean`` for LayerNorm), M floats each; ``xhat`` is recomputed, never stored.
 
-Both kernels are persistent (a program per resident slot, each looping over its rows), so
+Both kernels are persistent (a fixed number of programs, each looping over its rows), so
 with one block per row the weight (and bias) is read once per program, not once per row.
 IO per row, when the row fits one block (N <= 4096): forward reads x (and r) once and
 writes y (and s) once; backward reads s and dy (and d summed) once and writes dx (and, when
