@@ -92,11 +92,11 @@ LARGE_VOCAB_BLOCK = 4096
 # smoothing on): the most any mode uses on sm_80 or sm_90 (Triton 3.8), rounded up to the
 # allocation unit of 8. The compile report test checks the training builds (4096, no
 # smoothing); rows_per_wave counts resident rows from these: at 40, three 16-warp programs
-# share an SM's 65536 registers; at 56 or 64, two.
+# share an SM's 65536 registers; at 64, two.
 REGISTER_BUDGET = {
-    (SMALL_VOCAB_BLOCK, 2, False): 48, (SMALL_VOCAB_BLOCK, 4, False): 48,
-    (SMALL_VOCAB_BLOCK, 2, True): 56, (SMALL_VOCAB_BLOCK, 4, True): 56,
-    (LARGE_VOCAB_BLOCK, 2, False): 40, (LARGE_VOCAB_BLOCK, 4, False): 56,
+    (SMALL_VOCAB_BLOCK, 2, False): 48, (SMALL_VOCAB_BLOCK, 4, False): 56,
+    (SMALL_VOCAB_BLOCK, 2, True): 48, (SMALL_VOCAB_BLOCK, 4, True): 56,
+    (LARGE_VOCAB_BLOCK, 2, False): 40, (LARGE_VOCAB_BLOCK, 4, False): 64,
     (LARGE_VOCAB_BLOCK, 2, True): 64, (LARGE_VOCAB_BLOCK, 4, True): 64,
 }
 REDUCTIONS = ("mean", "sum", "none")
@@ -151,17 +151,17 @@ def _target_block(target_col, head, blocks, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _wrap(start, body):
-    """``start`` modulo ``body`` for 0 <= start < 2 body (cheaper than an integer %)."""
-    return tl.where(start >= body, start - body, start)
-
-
-@triton.jit
-def _accumulate(x, x_in_row, is_target, HOLDS_TARGET: tl.constexpr, m, others, x_sum, SMOOTHING: tl.constexpr):
-    """Adds one block of fp32 logits ``x`` (-inf where masked; ``x_in_row`` 0 there) to the
-    running maximum ``m``, the per-lane sums ``others`` of exp(x_j - m) over j != target,
-    and, with label smoothing, the sum of the logits. ``is_target`` marks the target's
-    column in a block that may hold it (HOLDS_TARGET)."""
+def _accumulate(X, cols, in_row, is_target, m, others, x_sum, MASKED: tl.constexpr, HOLDS_TARGET: tl.constexpr,
+                SMOOTHING: tl.constexpr):
+    """Adds the block of logits at ``X + cols`` (where MASKED, only the columns ``in_row``)
+    to the running maximum ``m``, the per-lane sums ``others`` of exp(x_j - m) over j !=
+    target, and, with label smoothing, the sum of the logits. ``is_target`` marks the
+    target's column in a block that may hold it (HOLDS_TARGET). One helper call per block:
+    the interpreter pays for each call."""
+    if MASKED:
+        x = tl.load(X + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+    else:
+        x = tl.load(X + cols).to(tl.float32)
     m_new = tl.maximum(m, tl.max(x, axis=0))
     # In log2 units: one FFMA and one MUFU.EX2 per logit. While every logit so far is
     # -inf, shift by 0 so that the sums stay 0 rather than nan.
@@ -171,18 +171,30 @@ def _accumulate(x, x_in_row, is_target, HOLDS_TARGET: tl.constexpr, m, others, x
         e = tl.where(is_target, 0.0, e)
     others = others * tl.exp2(m * LOG2E - shift) + e
     if SMOOTHING:  # a second reduction only in the build that needs it
-        x_sum += tl.sum(x_in_row, axis=0)
+        if MASKED:
+            x = tl.where(in_row, x, 0.0)
+        x_sum += tl.sum(x, axis=0)
     return m_new, others, x_sum
 
 
 @triton.jit
-def _gradient(x, is_target, HOLDS_TARGET: tl.constexpr, lse2, prob_scale, uniform_scale, grad_target):
-    """dloss/dx for one block: p_j f - s/V (times the row's scale), with p_j = exp2(x_j log2 e - lse log2 e);
-    the target's own value where the block holds it."""
+def _write_gradient(X, DX, cols, in_row, usable, is_target, lse2, prob_scale, uniform_scale, grad_target,
+                    MASKED: tl.constexpr, HOLDS_TARGET: tl.constexpr):
+    """dloss/dx for the block at ``X + cols`` (where MASKED, only the columns ``in_row``),
+    written to ``DX + cols``: p_j f - s/V times the row's scale, with p_j = exp2(x_j log2 e
+    - lse log2 e), and the target's own value where the block holds it. A row that is not
+    ``usable`` is not read: its scale makes it 0 (or NaN)."""
+    if MASKED:
+        x = tl.load(X + cols, mask=in_row & usable, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(X + cols, mask=usable, other=0.0).to(tl.float32)
     grad = tl.exp2(x * LOG2E - lse2) * prob_scale - uniform_scale
     if HOLDS_TARGET:
         grad = tl.where(is_target, grad_target, grad)
-    return grad
+    if MASKED:
+        tl.store(DX + cols, grad.to(DX.dtype.element_ty), mask=in_row)
+    else:
+        tl.store(DX + cols, grad.to(DX.dtype.element_ty))
 
 
 @triton.jit
@@ -230,22 +242,21 @@ def _cross_entropy_kernel(
         blocks = tl.where(usable, body // BLOCK_V, 0)
         first = _target_block(target_col, head, blocks, BLOCK_V)
         if blocks > 0:
-            start = first * BLOCK_V
-            x = tl.load(x_body + start + offsets).to(tl.float32)
-            is_target = head + start + offsets == target_col
-            m, others, x_sum = _accumulate(x, x, is_target, True, m, others, x_sum, SMOOTHING)
+            cols = first * BLOCK_V + offsets
+            m, others, x_sum = _accumulate(x_body, cols, None, head + cols == target_col, m, others, x_sum,
+                                           False, True, SMOOTHING)
         for i in range(1, blocks):
-            start = tl.multiple_of(_wrap((first + i) * BLOCK_V, body), BLOCK_V)
-            x = tl.load(x_body + start + offsets).to(tl.float32)
-            m, others, x_sum = _accumulate(x, x, None, False, m, others, x_sum, SMOOTHING)
+            start = (first + i) * BLOCK_V
+            start = tl.multiple_of(tl.where(start >= body, start - body, start), BLOCK_V)  # mod body
+            m, others, x_sum = _accumulate(x_body, start + offsets, None, None, m, others, x_sum,
+                                           False, False, SMOOTHING)
         # The head and the tail: one masked block, two where together they pass BLOCK_V.
         for part in tl.static_range(2):
             if usable & (part * BLOCK_V < rest):
                 k = part * BLOCK_V + offsets
                 cols = _rest_columns(k, head, body)
-                x = tl.load(x_row + cols, mask=k < rest, other=float("-inf")).to(tl.float32)
-                m, others, x_sum = _accumulate(x, tl.where(k < rest, x, 0.0), cols == target_col, True, m, others,
-                                               x_sum, SMOOTHING)
+                m, others, x_sum = _accumulate(x_row, cols, k < rest, cols == target_col, m, others, x_sum,
+                                               True, True, SMOOTHING)
         shift = tl.where(m == float("-inf"), 0.0, m * LOG2E)
         # exp(x_t - m') = exp2(u) against the very shift m' the sums used, and
         # sum_j exp(x_j - m') = exp2(u) + D. A confident row has u near 0 and a small D:
@@ -283,24 +294,19 @@ def _cross_entropy_kernel(
         uniform_scale = uniform * scale
         blocks = body // BLOCK_V
         first = _target_block(target_col, head, blocks, BLOCK_V)
+        grad_args = (lse2, prob_scale, uniform_scale, grad_target)
         if blocks > 0:
-            start = first * BLOCK_V
-            x = tl.load(x_body + start + offsets, mask=usable, other=0.0).to(tl.float32)
-            grad = _gradient(x, head + start + offsets == target_col, True, lse2, prob_scale, uniform_scale,
-                             grad_target)
-            tl.store(dx_body + start + offsets, grad.to(DX.dtype.element_ty))
+            cols = first * BLOCK_V + offsets
+            _write_gradient(x_body, dx_body, cols, None, usable, head + cols == target_col, *grad_args, False, True)
         for i in range(1, blocks):
-            start = tl.multiple_of(_wrap((first + i) * BLOCK_V, body), BLOCK_V)
-            x = tl.load(x_body + start + offsets, mask=usable, other=0.0).to(tl.float32)
-            grad = _gradient(x, None, False, lse2, prob_scale, uniform_scale, grad_target)
-            tl.store(dx_body + start + offsets, grad.to(DX.dtype.element_ty))
+            start = (first + i) * BLOCK_V
+            start = tl.multiple_of(tl.where(start >= body, start - body, start), BLOCK_V)  # mod body
+            _write_gradient(x_body, dx_body, start + offsets, None, usable, None, *grad_args, False, False)
         for part in tl.static_range(2):
             if part * BLOCK_V < rest:
                 k = part * BLOCK_V + offsets
                 cols = _rest_columns(k, head, body)
-                x = tl.load(x_row + cols, mask=(k < rest) & usable, other=0.0).to(tl.float32)
-                grad = _gradient(x, cols == target_col, True, lse2, prob_scale, uniform_scale, grad_target)
-                tl.store(dx_row + cols, grad.to(DX.dtype.element_ty), mask=k < rest)
+                _write_gradient(x_row, dx_row, cols, k < rest, usable, cols == target_col, *grad_args, True, True)
 
 
 # --------------------------------------------------------------------------- launchers
