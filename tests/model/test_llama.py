@@ -479,3 +479,16 @@ def test_finetune_instruct_packed_on_llama_tiny(tmp_path, capsys):
     assert main(["finetune-instruct", "--preset", "tiny", "--pack", "--data", str(tmp_path / "train.jsonl"),
                  "--out", str(tmp_path / "gpt"), "--no-progress"]) == 2
     assert "--pack needs a Llama-family model" in capsys.readouterr().err
+
+
+def test_packing_benchmark_counts_the_same_tokens_in_fewer_positions():
+    import argparse
+
+    from bench.packing import measure, report
+
+    args = argparse.Namespace(preset="llama-tiny", batch_size=4, batches=1, backend="torch")
+    totals = measure(args)
+    padded, packed = totals["padded"], totals["packed"]
+    assert packed["tokens"] == padded["tokens"] == packed["positions"] < padded["positions"]
+    assert all(t["seconds"] > 0 and t["saved"] > 0 for t in totals.values())
+    assert "packed / padded: tokens/s x" in report(totals, args)
