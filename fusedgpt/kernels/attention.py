@@ -18,9 +18,9 @@ Grouped-query attention: K and V have H_kv heads, H_kv dividing the H query head
 query head h reads key/value head h // (H / H_kv) in place (multi-query: H_kv = 1).
 Packed variable-length sequences (``cu_seqlens``): the batch is one row of packed tokens;
 sequence b owns queries cu_seqlens_q[b] .. cu_seqlens_q[b+1] and keys cu_seqlens_k[b] ..
-cu_seqlens_k[b+1], and the formulas above hold per sequence with its own Tq, Tk. Whether a
-row sees any key is decided by the mask alone, never by the data, so a NaN anywhere in a
-row's scores gives a NaN output row (as PyTorch's own ops do), not 0.
+cu_seqlens_k[b+1], and the formulas above hold per sequence with its own Tq, Tk. A NaN
+anywhere in a row's visible scores gives a NaN output row (as PyTorch's own ops do): only
+a row whose row sum l is exactly 0, which the mask left without keys, outputs 0.
 
 Forward. Each program owns BLOCK_M query rows of one sequence and streams BLOCK_N keys at a
 time, keeping a running row max m, row sum l and unnormalised output acc (online softmax).
@@ -183,17 +183,6 @@ def _visible(q_idx, k_idx, seqlen_q, seqlen_k, window, CAUSAL: tl.constexpr, WIN
 
 
 @triton.jit
-def _sees_a_key(q_idx, seqlen_q, seqlen_k, CAUSAL: tl.constexpr):
-    """Whether each query row of the sequence sees at least one key — from the mask, not
-    the data, so that a NaN row stays NaN. A window (>= 1) always keeps the query's own
-    position."""
-    if CAUSAL:
-        return (q_idx < seqlen_q) & (q_idx + (seqlen_k - seqlen_q) >= 0)
-    else:
-        return (q_idx < seqlen_q) & (seqlen_k > 0)
-
-
-@triton.jit
 def _dropout_keep(seed, bh, q_idx, k_idx, dropout_p):
     """The keep decision for each (query, key) pair of the tile: Philox with counter
     (key, query, batch*head, 0), so the forward and both backward passes agree."""
@@ -324,8 +313,9 @@ def _attn_fwd_kernel(
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1)
     batch, q_start, k_start, seqlen_q, seqlen_k = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, tl.program_id(2), Tq, Tk, VARLEN)
-    if start_m >= seqlen_q:  # past the end of a shorter packed sequence
-        return
+    if VARLEN:
+        if start_m >= seqlen_q:  # past the end of a shorter packed sequence
+            return
     bh = batch * H + h
     Q = _rows(Q, batch, h, q_start, stride_qb, stride_qh, stride_qt)
     K = _rows(K, batch, h // kv_group, k_start, stride_kb, stride_kh, stride_kt)
@@ -357,9 +347,9 @@ def _attn_fwd_kernel(
         BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, HAS_DROPOUT, True, DOT_PRECISION,
     )
 
-    # Rows that see no key output 0 with logsumexp -inf; every other row divides by l,
-    # so that a NaN score makes a NaN row.
-    seen = _sees_a_key(offs_m, seqlen_q, seqlen_k, CAUSAL)
+    # Rows that see no key (l = 0) output 0 with logsumexp -inf. A NaN score makes l NaN,
+    # and such a row divides by it: NaN, never 0.
+    seen = (l_i > 0.0) | (l_i != l_i)
     inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
     if HAS_DROPOUT:
         inv_l = inv_l / (1.0 - dropout_p)
@@ -452,8 +442,9 @@ def _attn_bwd_dkdv_kernel(
     start_n = tl.program_id(0) * BLOCK_N
     h_kv = tl.program_id(1)
     batch, q_start, k_start, seqlen_q, seqlen_k = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, tl.program_id(2), Tq, Tk, VARLEN)
-    if start_n >= seqlen_k:  # past the end of a shorter packed sequence
-        return
+    if VARLEN:
+        if start_n >= seqlen_k:  # past the end of a shorter packed sequence
+            return
     K = _rows(K, batch, h_kv, k_start, stride_kb, stride_kh, stride_kt)
     V = _rows(V, batch, h_kv, k_start, stride_vb, stride_vh, stride_vt)
     DK = _rows(DK, batch, h_kv, k_start, stride_dkb, stride_dkh, stride_dkt)
@@ -535,8 +526,9 @@ def _attn_bwd_dq_kernel(
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1)
     batch, q_start, k_start, seqlen_q, seqlen_k = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, tl.program_id(2), Tq, Tk, VARLEN)
-    if start_m >= seqlen_q:  # past the end of a shorter packed sequence
-        return
+    if VARLEN:
+        if start_m >= seqlen_q:  # past the end of a shorter packed sequence
+            return
     bh = batch * H + h
     Q = _rows(Q, batch, h, q_start, stride_qb, stride_qh, stride_qt)
     K = _rows(K, batch, h // kv_group, k_start, stride_kb, stride_kh, stride_kt)
