@@ -289,7 +289,8 @@ class Trainer:
                 raise ValueError("--fsdp shards over processes: start the run with torchrun --nproc_per_node=N, N > 1")
             from torch.distributed.fsdp import fully_shard
 
-            for block in self.model.transformer.h:
+            blocks = self.model.model.layers if isinstance(self.model, Llama) else self.model.transformer.h
+            for block in blocks:
                 fully_shard(block)
             fully_shard(self.model)  # in place: self.model's parameters become shards
         elif self.dist.distributed:

@@ -492,3 +492,45 @@ def test_packing_benchmark_counts_the_same_tokens_in_fewer_positions():
     assert packed["tokens"] == padded["tokens"] == packed["positions"] < padded["positions"]
     assert all(t["seconds"] > 0 and t["saved"] > 0 for t in totals.values())
     assert "packed / padded: tokens/s x" in report(totals, args)
+
+
+@pytest.fixture(scope="module")
+def prepared_corpus(corpus_file, tmp_path_factory):
+    from fusedgpt.train.data import prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    prepare([corpus_file], out, val_fraction=0.05, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("preset, sharding", [("llama-tiny", []), ("qwen3-tiny", ["--fsdp"])], ids=["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process_with_double_accumulation(preset, sharding, prepared_corpus, tmp_path):
+    """torchrun with gloo on CPU, as GPT-2's test in tests/train/test_distributed.py."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from fusedgpt.train.trainer import TrainConfig, Trainer
+
+    steps, out = 3, tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fusedgpt",
+               "train", "--preset", preset, "--n-embd", "32", "--n-head", "2", "--data", str(prepared_corpus),
+               "--out", str(out), "--max-steps", str(steps), "--batch-size", "2", "--grad-accum", "1",
+               "--context-length", "16", "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "1000",
+               "--eval-batches", "1", "--sample-tokens", "0", "--seed", "7", "--device", "cpu", "--backend", "torch",
+               "--no-progress", *sharding]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    single = Trainer(TrainConfig(preset=preset, model={"n_embd": 32, "n_head": 2}, data=str(prepared_corpus),
+                                 out=str(tmp_path / "single"), max_steps=steps, batch_size=2, grad_accum=2,
+                                 context_length=16, lr=3e-3, warmup_steps=2, eval_every=1000, eval_batches=1,
+                                 sample_tokens=0, seed=7, backend="torch", progress=False)).run()
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    distributed_losses = [r["train_loss"] for r in lines if "train_loss" in r]
+    torch.testing.assert_close(torch.tensor(distributed_losses), torch.tensor(single.train_losses), rtol=1e-5, atol=1e-5)
+    weights, single_weights = (load_file(d / f"ckpt_{steps:08d}" / "model.safetensors") for d in (out, tmp_path / "single"))
+    for name, value in single_weights.items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=name)
