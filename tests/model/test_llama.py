@@ -534,3 +534,29 @@ def test_two_gloo_processes_match_one_process_with_double_accumulation(preset, s
     weights, single_weights = (load_file(d / f"ckpt_{steps:08d}" / "model.safetensors") for d in (out, tmp_path / "single"))
     for name, value in single_weights.items():
         torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_generate_command_on_a_hugging_face_directory_uses_its_tokenizer(small_bpe, tmp_path, capsys):
+    """``fusedgpt generate --checkpoint DIR`` on a Llama directory with its own tokenizer.json:
+    the greedy continuation is transformers' (decoded by the same tokenizer)."""
+    from fusedgpt.cli import main
+    from fusedgpt.model.tokenizer import get_tokenizer
+
+    added = {"<|begin_of_text|>": small_bpe.n_vocab, "<|eot_id|>": small_bpe.n_vocab + 1}
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=small_bpe.n_vocab + len(added), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=1)
+    reference = transformers.LlamaForCausalLM(config).eval()
+    reference.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(_tokenizer_json(small_bpe, added)))
+
+    prompt = "To be, or not"
+    tokenizer = get_tokenizer(tmp_path)
+    idx = torch.tensor([tokenizer.encode(prompt)])
+    with torch.no_grad():
+        expected = reference.generate(idx, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0,
+                                      attention_mask=torch.ones_like(idx))
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "5",
+                 "--temperature", "0", "--backend", "torch"]) == 0
+    assert capsys.readouterr().out == prompt + tokenizer.decode(expected[0, idx.shape[1]:].tolist()) + "\n"
