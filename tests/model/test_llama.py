@@ -147,25 +147,14 @@ def test_cached_greedy_generation_matches_transformers(hf_dir, backend):
 
 
 @pytest.mark.parametrize("preset", ["llama-tiny", "qwen3-tiny"])
-def test_tiny_presets_train_and_the_cache_is_sized_by_kv_heads(preset):
-    torch.manual_seed(0)
+def test_tiny_presets_tie_the_head_and_cache_only_kv_heads(preset):
     config = LlamaConfig.from_preset(preset, backend="torch", vocab_size=V, context_length=32)
     model = Llama(config)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    idx = torch.randint(0, V, (4, 17), generator=torch.Generator().manual_seed(2))
-    losses = []
-    for _ in range(8):
-        loss = model(idx[:, :-1], idx[:, 1:])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.5
     cache = KVCache(32)
     with torch.no_grad():
-        model(idx[:, :6], cache=cache)
-    assert cache._keys[0].shape == (4, config.n_kv_head, 32, config.head_dim)
+        model(IDX[:, :6], cache=cache)
+    assert cache._keys[0].shape == (2, config.n_kv_head, 32, config.head_dim) and config.n_kv_head < config.n_head
 
 
 @pytest.mark.parametrize("preset, total, non_embedding", [
