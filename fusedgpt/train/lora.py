@@ -1,4 +1,5 @@
-"""Low-rank adaptation (LoRA, Hu et al. 2021) of the GPT's linear layers.
+"""Low-rank adaptation (LoRA, Hu et al. 2021) of the linear layers of a GPT-2 or a
+Llama-family model.
 
 A chosen ``nn.Linear`` with weight ``W`` (out, in) gets two small matrices, ``A`` (r, in)
 and ``B`` (out, r), and computes
@@ -12,15 +13,18 @@ adapted layer that is ``r * (in + out)`` trainable numbers instead of ``in * out
 :class:`LoRALinear` *is* an ``nn.Linear`` holding the original ``weight`` and ``bias``
 Parameters under their original names, plus ``lora_A`` and ``lora_B``: a state dict of an
 adapted model is the base model's state dict plus ``*.lora_A`` / ``*.lora_B`` entries, and
-after :func:`merge_lora` (``W <- W + (alpha / r) B A``) it is exactly a plain GPT's, so
-``GPT.save_pretrained`` writes an ordinary GPT-2 directory.
+after :func:`merge_lora` (``W <- W + (alpha / r) B A``) it is exactly a plain model's, so
+``save_pretrained`` writes an ordinary GPT-2 (or Llama / Qwen3) directory.
+
+Each family names its layers its own way (:data:`FAMILIES`): GPT-2's targets are
+``attn.c_attn`` .. ``mlp.c_proj``, Llama's are Hugging Face's ``q_proj`` .. ``down_proj``;
+the groups ``attn`` and ``mlp`` mean the attention's or the MLP's layers in either.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import torch.nn as nn
@@ -28,15 +32,38 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
-# Target names accepted by --lora-targets: a group, or one linear layer of every block.
-LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-GROUPS = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")}
+
+@dataclass(frozen=True)
+class Family:
+    """Where a model family keeps its blocks and the linear layers LoRA can adapt in each:
+    ``layers`` maps a target name to the layer's path within a block, in block order."""
+
+    name: str
+    blocks: str
+    layers: dict[str, str]
+
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        """``attn`` and ``mlp``: the target names of the layers under each branch."""
+        return {group: tuple(t for t, path in self.layers.items() if path.split(".")[0] in branches)
+                for group, branches in (("attn", ("attn", "self_attn")), ("mlp", ("mlp",)))}
+
+
+FAMILIES = (
+    Family("GPT-2", "transformer.h", {name: name for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}),
+    Family("Llama", "model.layers", {name: f"{branch}.{name}" for branch, names in (
+        ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+        for name in names}),
+)
+# Target names accepted by --lora-targets: a group, or one linear layer (of its family) of every block.
+GROUPS = ("attn", "mlp")
+LAYERS = tuple(name for family in FAMILIES for name in family.layers)
 
 
 @dataclass(frozen=True)
 class LoRAConfig:
     """Rank ``rank``, scale ``alpha / rank``, on the layers named by ``targets`` (each a
-    :data:`GROUPS` key or a :data:`LAYERS` entry) in every transformer block."""
+    :data:`GROUPS` entry or a :data:`LAYERS` one of the adapted model's family) in every
+    transformer block."""
 
     rank: int
     alpha: float
@@ -53,11 +80,16 @@ class LoRAConfig:
         if unknown:
             raise ValueError(f"unknown LoRA targets {unknown}; choose from {', '.join((*GROUPS, *LAYERS))}")
 
-    @property
-    def layers(self) -> tuple[str, ...]:
-        """The targets with groups expanded, in block order, each once."""
-        chosen = {layer for t in self.targets for layer in GROUPS.get(t, (t,))}
-        return tuple(layer for layer in LAYERS if layer in chosen)
+    def layers(self, family: Family) -> tuple[str, ...]:
+        """The paths within a block of ``family`` of the targets, groups expanded, in block
+        order, each once. Raises ValueError for a layer name of another family."""
+        foreign = [t for t in self.targets if t not in GROUPS and t not in family.layers]
+        if foreign:
+            raise ValueError(f"LoRA targets {foreign} are not layers of a {family.name} model; "
+                             f"choose from {', '.join((*GROUPS, *family.layers))}")
+        groups = family.groups()
+        chosen = {name for t in self.targets for name in groups.get(t, (t,))}
+        return tuple(path for name, path in family.layers.items() if name in chosen)
 
     def to_dict(self) -> dict:
         return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
@@ -109,11 +141,15 @@ class LoRALinear(nn.Linear):
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}"
 
 
-def _blocks(model: nn.Module) -> Iterable[nn.Module]:
-    transformer = getattr(model, "transformer", None)
-    if transformer is None or not hasattr(transformer, "h"):
-        raise TypeError(f"LoRA applies to a GPT (with .transformer.h blocks), got {type(model).__name__}")
-    return transformer.h
+def _family(model: nn.Module) -> tuple[Family, nn.ModuleList]:
+    """The family of ``model`` and its blocks."""
+    for family in FAMILIES:
+        try:
+            return family, model.get_submodule(family.blocks)
+        except AttributeError:
+            continue
+    raise TypeError(f"LoRA applies to a GPT (blocks at .transformer.h) or a Llama (blocks at .model.layers), "
+                    f"got {type(model).__name__}")
 
 
 def _replace(block: nn.Module, path: str, module: nn.Module) -> None:
@@ -122,19 +158,23 @@ def _replace(block: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """Freeze every parameter of ``model`` (a :class:`fusedgpt.model.gpt.GPT`) and wrap the
-    chosen linear layers of every block in a trainable :class:`LoRALinear`, in place.
+    """Freeze every parameter of ``model`` (a :class:`fusedgpt.model.gpt.GPT` or a
+    :class:`fusedgpt.model.llama.Llama`) and wrap the chosen linear layers of every block in
+    a trainable :class:`LoRALinear`, in place.
 
-    Returns the names of the adapted layers (e.g. ``transformer.h.0.attn.c_attn``).
-    Raises ValueError when a layer is already adapted.
+    Returns the names of the adapted layers (e.g. ``transformer.h.0.attn.c_attn``,
+    ``model.layers.0.self_attn.q_proj``). Raises ValueError when a layer is already adapted
+    or a target names a layer of another family, TypeError for a model of neither family.
     """
+    family, blocks = _family(model)
+    paths = config.layers(family)
     for param in model.parameters():
         param.requires_grad_(False)
     adapted = []
-    for index, block in enumerate(_blocks(model)):
-        for path in config.layers:
+    for index, block in enumerate(blocks):
+        for path in paths:
             layer = block.get_submodule(path)
-            name = f"transformer.h.{index}.{path}"
+            name = f"{family.blocks}.{index}.{path}"
             if isinstance(layer, LoRALinear):
                 raise ValueError(f"{name} already has a LoRA adapter")
             _replace(block, path, LoRALinear(layer, config.rank, config.alpha))
@@ -145,9 +185,10 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
 def merge_lora(model: nn.Module) -> int:
     """Fold every adapter of ``model`` into its weight (in place), leaving plain
     ``nn.Linear`` layers; returns how many were merged."""
+    family, blocks = _family(model)
     merged = 0
-    for block in _blocks(model):
-        for path in LAYERS:
+    for block in blocks:
+        for path in family.layers.values():
             layer = block.get_submodule(path)
             if isinstance(layer, LoRALinear):
                 _replace(block, path, layer.merged())

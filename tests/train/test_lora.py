@@ -116,3 +116,79 @@ def test_adapting_twice_is_refused():
     apply_lora(model, LoRAConfig(2, 2.0, ("attn",)))
     with pytest.raises(ValueError, match="already has a LoRA adapter"):
         apply_lora(model, LoRAConfig(2, 2.0, ("attn.c_attn",)))
+
+
+# --------------------------------------------------------------------------- Llama family
+
+Q, KV, FF = 4 * 32, 2 * 32, 352  # llama-tiny: 4 query heads, 2 key/value heads of 32; MLP width
+
+
+def tiny_llama(seed: int = 0):
+    from fusedgpt.model import Llama, LlamaConfig
+
+    torch.manual_seed(seed)
+    return Llama(LlamaConfig.from_preset("llama-tiny", backend="torch", vocab_size=VOCAB, context_length=16))
+
+
+@pytest.mark.parametrize(
+    "targets, in_out",
+    [
+        (("attn", "mlp"), [(128, Q), (128, KV), (128, KV), (Q, 128), (128, FF), (128, FF), (FF, 128)]),
+        (("q_proj", "v_proj"), [(128, Q), (128, KV)]),
+        (("mlp",), [(128, FF), (128, FF), (FF, 128)]),
+    ],
+)
+def test_llama_adapters_count_rank_times_in_plus_out_and_only_they_train(targets, in_out):
+    model = tiny_llama()
+    base_total = model.num_parameters()
+    rank = 3
+    adapted = apply_lora(model, LoRAConfig(rank, 6.0, targets))
+    expected = 2 * sum(rank * (i + o) for i, o in in_out)
+    assert len(adapted) == 2 * len(in_out) and adapted[0].startswith("model.layers.0.")
+    assert parameter_counts(model) == (expected, base_total + expected)
+    assert all(("lora_" in name) == p.requires_grad for name, p in model.named_parameters())
+
+
+def test_llama_merging_keeps_the_outputs_and_leaves_a_plain_llama():
+    model = tiny_llama()
+    idx = torch.randint(0, VOCAB, (2, 11))
+    with torch.no_grad():
+        base = model(idx)
+        apply_lora(model, LoRAConfig(4, 8.0))
+        assert torch.equal(model(idx), base)  # B = 0
+        randomise_adapters(model)
+        adapted = model(idx)
+        assert not torch.allclose(adapted, base, atol=1e-3)
+        assert merge_lora(model) == 7 * 2
+        merged = model(idx)
+    assert not has_lora(model)
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
+    assert set(model.state_dict()) == set(tiny_llama().state_dict())
+
+
+def test_a_llama_step_changes_only_the_adapters(tmp_path):
+    model = tiny_llama()
+    apply_lora(model, LoRAConfig(2, 4.0, ("o_proj", "gate_proj")))
+    randomise_adapters(model)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    idx = torch.randint(0, VOCAB, (2, 9))
+
+    def batch_loss(indices):
+        return model(idx[:, :-1], idx[:, 1:]), {}
+
+    cfg = finetune.FinetuneConfig(epochs=1, batch_size=2, lr=1e-2, warmup_steps=0, weight_decay=0.1)
+    finetune.train(model, cfg, 2, batch_loss, lambda epoch, sums, log: {}, device=torch.device("cpu"),
+                   out=tmp_path, progress=False)
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == {n for n in before if "lora_" in n} and len(changed) == 2 * 2 * 2
+
+
+def test_a_target_of_the_other_family_is_refused_before_anything_changes():
+    llama, gpt = tiny_llama(), tiny_gpt()
+    with pytest.raises(ValueError, match=r"\['attn.c_attn'\] are not layers of a Llama model"):
+        apply_lora(llama, LoRAConfig(2, 2.0, ("attn.c_attn",)))
+    with pytest.raises(ValueError, match=r"\['q_proj'\] are not layers of a GPT-2 model"):
+        apply_lora(gpt, LoRAConfig(2, 2.0, ("q_proj",)))
+    assert all(p.requires_grad for p in llama.parameters()) and all(p.requires_grad for p in gpt.parameters())
+    with pytest.raises(TypeError, match="LoRA applies to a GPT"):
+        apply_lora(torch.nn.Linear(2, 2), LoRAConfig(2, 2.0))
