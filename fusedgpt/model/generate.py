@@ -38,6 +38,7 @@ def generate(
     eos_id: Optional[int] = None,
     use_cache: bool = True,
     generator: Optional[torch.Generator] = None,
+    vocab_limit: Optional[int] = None,
 ) -> Tensor:
     """Continue each row of ``idx`` by up to ``max_new_tokens`` tokens.
 
@@ -53,12 +54,15 @@ def generate(
             generation stops when every row is done.
         use_cache: decode with a KV cache (same tokens as without, far less compute).
         generator: the random source for sampling, on idx's device, for reproducible draws.
+        vocab_limit: choose only among ids below it (a tokenizer smaller than the model's
+            embedding, e.g. Qwen3's 151,669 tokens on 151,936 rows: the other ids have no
+            text); default: the whole vocabulary.
 
     Returns:
         (B, T + n) int64, the prompt followed by the n <= max_new_tokens new tokens.
     """
     new = list(stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      eos_id=eos_id, use_cache=use_cache, generator=generator))
+                      eos_id=eos_id, use_cache=use_cache, generator=generator, vocab_limit=vocab_limit))
     return torch.cat([idx, *(token[:, None] for token in new)], dim=1)
 
 
@@ -73,12 +77,14 @@ def stream(
     eos_id: Optional[int] = None,
     use_cache: bool = True,
     generator: Optional[torch.Generator] = None,
+    vocab_limit: Optional[int] = None,
 ) -> Iterator[Tensor]:
     """:func:`generate` one step at a time: yields each new (B,) int64 token column as soon
     as it is chosen. Arguments are checked here, before the first step; the model is in eval
     mode from the first step until the stream ends or is closed."""
-    _check(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator)
-    return _decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator)
+    vocab_limit = model.config.vocab_size if vocab_limit is None else vocab_limit
+    _check(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, vocab_limit)
+    return _decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, vocab_limit)
 
 
 def filter_logits(logits: Tensor, *, top_k: Optional[int] = None, top_p: Optional[float] = None) -> Tensor:
@@ -122,7 +128,7 @@ def sample(
 # --------------------------------------------------------------------------- internals
 
 
-def _check(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator) -> None:
+def _check(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, vocab_limit) -> None:
     if not isinstance(model, (GPT, Llama)):
         raise TypeError(f"generate: model must be a fusedgpt GPT or Llama, got {type(model).__name__}")
     vocab = model.config.vocab_size
@@ -140,8 +146,11 @@ def _check(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, genera
         raise ValueError(f"generate: top_k must be None or an int >= 1, got {top_k!r}")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise ValueError(f"generate: top_p must be None or in (0, 1], got {top_p!r}")
-    if eos_id is not None and (not _is_int(eos_id) or not 0 <= eos_id < vocab):
-        raise ValueError(f"generate: eos_id must be None or a token id in [0, {vocab}), got {eos_id!r}")
+    if not _is_int(vocab_limit) or not 1 <= vocab_limit <= vocab:
+        raise ValueError(f"generate: vocab_limit must be None or an int in [1, {vocab}] (the model's vocabulary), "
+                         f"got {vocab_limit!r}")
+    if eos_id is not None and (not _is_int(eos_id) or not 0 <= eos_id < vocab_limit):
+        raise ValueError(f"generate: eos_id must be None or a token id in [0, {vocab_limit}), got {eos_id!r}")
     if generator is not None and generator.device.type != idx.device.type:
         raise ValueError(f"generate: generator is on {generator.device}, idx on {idx.device}")
 
@@ -151,7 +160,8 @@ def _is_int(value: object) -> bool:
 
 
 @torch.no_grad()
-def _decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator) -> Iterator[Tensor]:
+def _decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator,
+            vocab_limit) -> Iterator[Tensor]:
     was_training = model.training
     model.eval()
     try:
@@ -161,6 +171,7 @@ def _decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_c
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             logits = _next_logits(model, tokens, cache, window)
+            logits[:, vocab_limit:] = float("-inf")  # ids past the tokenizer's have no text
             token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             if eos_id is not None:
                 token = token.masked_fill(done, eos_id)
@@ -213,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     model.to(device)
     name = args.tokenizer or trained_tokenizer or "gpt2"
     tokenizer = get_tokenizer(name)
-    check_tokenizer_fits(tokenizer, name, model.config.vocab_size)
+    check_tokenizer_fits(tokenizer, name, model.config.vocab_size)  # fewer tokens: sampled among them only
     eos_id = tokenizer.eot_token if "<|endoftext|>" in tokenizer.special_tokens_set else None
     if not args.prompt and eos_id is None:
         raise ValueError("--prompt is empty and the tokenizer has no <|endoftext|> token to start from")
@@ -225,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     text = codecs.getincrementaldecoder("utf-8")(errors="replace")
     sys.stdout.write(args.prompt)
     for token in stream(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, eos_id=eos_id, generator=generator):
+                        top_p=args.top_p, eos_id=eos_id, generator=generator, vocab_limit=tokenizer.n_vocab):
         if token.item() == eos_id:
             break
         sys.stdout.write(text.decode(tokenizer.decode_single_token_bytes(token.item())))
@@ -235,16 +246,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check_tokenizer_fits(tokenizer, name: str, vocab_size: int) -> None:
-    """Refuse a tokenizer whose vocabulary is not the model's: with more tokens it encodes
-    ids the model has no embedding for, with fewer the model can produce ids it cannot
-    decode (a ``KeyError`` in the middle of the output).
+    """Refuse a tokenizer with more tokens than the model's vocabulary: it encodes ids the
+    model has no embedding for. One with fewer is fine (Qwen3's Hub checkpoints pad the
+    embedding past the tokenizer) as long as generation samples only among its ids
+    (``vocab_limit=tokenizer.n_vocab``), so that no id without text is produced.
 
     Raises:
         ValueError: naming the tokenizer and both sizes.
     """
-    if tokenizer.n_vocab != vocab_size:
-        relation = "more" if tokenizer.n_vocab > vocab_size else "fewer"
-        raise ValueError(f"the tokenizer {name} has {tokenizer.n_vocab} tokens, {relation} than the model's "
+    if tokenizer.n_vocab > vocab_size:
+        raise ValueError(f"the tokenizer {name} has {tokenizer.n_vocab} tokens, more than the model's "
                          f"{vocab_size}: pass the --tokenizer the model was trained with")
 
 

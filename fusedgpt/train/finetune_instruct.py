@@ -193,7 +193,8 @@ def respond(model: GPT, tokenizer: Any, prompts: Sequence[str], max_new_tokens: 
     for prompt in prompts:
         idx = torch.tensor([tokenizer.encode_ordinary(prompt)], dtype=torch.long, device=device)
         with autocast(device):
-            out = generate(model, idx, max_new_tokens, temperature=0.0, eos_id=tokenizer.eot_token)
+            out = generate(model, idx, max_new_tokens, temperature=0.0, eos_id=tokenizer.eot_token,
+                           vocab_limit=tokenizer.n_vocab)
         new = out[0, idx.shape[1] :].tolist()
         if tokenizer.eot_token in new:
             new = new[: new.index(tokenizer.eot_token)]

@@ -143,6 +143,9 @@ def test_zero_new_tokens_and_mode_restored(model):
         (dict(top_p=0.0), ValueError, "top_p"),
         (dict(top_p=1.5), ValueError, "top_p"),
         (dict(eos_id=V), ValueError, "eos_id"),
+        (dict(vocab_limit=V + 1), ValueError, "vocab_limit"),
+        (dict(vocab_limit=0), ValueError, "vocab_limit"),
+        (dict(vocab_limit=40, eos_id=40), ValueError, "eos_id"),
     ],
     ids=lambda value: next(iter(value)) if isinstance(value, dict) else None,
 )
@@ -151,6 +154,26 @@ def test_bad_arguments(model, change, error, match):
     args.update(change)
     with pytest.raises(error, match=match):
         stream(model, args.pop("idx"), args.pop("max_new_tokens"), **args)
+
+
+def test_a_smaller_tokenizer_gets_only_its_own_ids(model):
+    """vocab_limit (a tokenizer smaller than the embedding, as Qwen3's): greedy takes the
+    argmax among the allowed ids and sampling draws only allowed ids, though unrestricted
+    draws from the same seed do pick ids past the limit."""
+    limit, idx = 40, prompt(3, 5)
+
+    def draw(**kw):
+        return generate(model, idx, 25, temperature=2.0, generator=torch.Generator().manual_seed(0), **kw)[:, 5:]
+
+    assert bool((draw() >= limit).any())
+    assert int(draw(vocab_limit=limit).max()) < limit
+    expected = idx
+    with torch.no_grad():
+        for _ in range(8):
+            next_token = model(expected[:, -CONTEXT:])[:, -1, :limit].argmax(-1)
+            expected = torch.cat([expected, next_token[:, None]], dim=1)
+    assert torch.equal(generate(model, idx, 8, temperature=0, vocab_limit=limit), expected)
+    assert torch.equal(generate(model, idx, 8, temperature=0, vocab_limit=V), greedy_by_hand(model, idx, 8))
 
 
 def test_command_line_rejects_an_unknown_device(tmp_path, capsys):

@@ -401,15 +401,30 @@ def test_a_config_claiming_more_tokens_than_the_weights_is_refused(tmp_path, cap
     assert "says vocab_size=50257, but the weights' transformer.wte.weight has shape (300, 32)" in capsys.readouterr().err
 
 
-def test_a_tokenizer_with_fewer_tokens_than_the_model_is_refused_before_generating(tmp_path, capsys):
+def test_a_tokenizer_with_more_tokens_than_the_model_is_refused_before_generating(tmp_path, capsys):
     from fusedgpt.model.config import GPTConfig
     from fusedgpt.model.gpt import GPT
 
-    GPT(GPTConfig.from_preset("tiny", vocab_size=50400, n_embd=32, n_head=2)).save_pretrained(tmp_path)
-    assert main(["generate", "--checkpoint", str(tmp_path), "--max-new-tokens", "50", "--device", "cpu"]) == 2
+    GPT(GPTConfig.from_preset("tiny", vocab_size=300, n_embd=32, n_head=2)).save_pretrained(tmp_path)
+    assert main(["generate", "--checkpoint", str(tmp_path), "--max-new-tokens", "5", "--device", "cpu"]) == 2
     captured = capsys.readouterr()
-    assert "the tokenizer gpt2 has 50257 tokens, fewer than the model's 50400" in captured.err
+    assert "the tokenizer gpt2 has 50257 tokens, more than the model's 300" in captured.err
     assert captured.out == ""
+
+
+def test_a_tokenizer_with_fewer_tokens_than_the_model_generates_only_its_own_ids(tmp_path, capsys):
+    """Qwen3's layout (embedding rows past the tokenizer): the padded rows are made the
+    likeliest, yet generation never picks one (it would have no text: KeyError mid-stream)."""
+    from fusedgpt.model.config import GPTConfig
+    from fusedgpt.model.gpt import GPT
+
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=50400, n_embd=32, n_head=2, backend="torch"))
+    with torch.no_grad():
+        model.lm_head.weight[50257:] *= 50.0  # tied: the padded ids' logits dwarf the others
+    model.save_pretrained(tmp_path)
+    assert main(["generate", "--checkpoint", str(tmp_path), "--max-new-tokens", "20", "--seed", "0",
+                 "--prompt", "Hello", "--device", "cpu", "--backend", "torch"]) == 0
+    assert capsys.readouterr().out.startswith("Hello")
 
 
 # --------------------------------------------------------------------------- 7. masked prompts
