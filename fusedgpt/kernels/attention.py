@@ -25,7 +25,9 @@ a row whose row sum l is exactly 0, which the mask left without keys, outputs 0.
 Forward. Each program owns BLOCK_M query rows of one sequence and streams BLOCK_N keys at a
 time, keeping a running row max m, row sum l and unnormalised output acc (online softmax).
 Exponentials are taken in base 2 with the scale folded into log2(e) (``exp(x) = exp2(x
-log2 e)``), which is what the hardware computes natively. The keys a query block sees form
+log2 e)``), which is what the hardware computes natively; the raw scores are scaled inside
+the exponent's argument (``exp2(s c log2 e - m)``, one fused multiply-add per score) and
+only the row max is scaled on its own. The keys a query block sees form
 one range (``_key_range``): blocks that every row sees in full run without masks; only the
 blocks on the causal diagonal, on the window's lower edge and the ragged tail pay for the
 mask; blocks outside the window are never visited. Head dims up to 128 are padded to a 64-
@@ -151,12 +153,17 @@ def _tanh(x):
 
 @triton.jit
 def _scores(a, b_t, qk_scale, qk_softcap, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``a @ b_t`` in the kernels' log2 units (times scale * log2 e), soft-capped to
-    ``qk_softcap * tanh(s / qk_softcap)`` (the cap in the same units) when SOFTCAP."""
-    s = tl.dot(a, b_t, input_precision=DOT_PRECISION) * qk_scale
+    """``(s, unit)``: the scores ``a @ b_t`` and the factor that takes them to the kernels'
+    log2 units (scale * log2 e). Without soft-capping the scores stay unscaled and ``unit``
+    is qk_scale, so that the callers fold it into the exponent's argument (one FFMA per
+    score, ``exp2(s * unit - m)``, rather than a multiply first); soft-capped ones are
+    ``qk_softcap * tanh(s * qk_scale / qk_softcap)`` (the cap in log2 units), unit 1."""
+    s = tl.dot(a, b_t, input_precision=DOT_PRECISION)
+    unit = qk_scale
     if SOFTCAP:
-        s = qk_softcap * _tanh(s / qk_softcap)
-    return s
+        s = qk_softcap * _tanh(s * (qk_scale / qk_softcap))
+        unit = 1.0
+    return s, unit
 
 
 @triton.jit
@@ -273,18 +280,19 @@ def _fwd_key_blocks(
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K, start_n, stride_kt, seqlen_k, offs_d, D, BLOCK_N)
-        s = _scores(q, tl.trans(k), qk_scale, qk_softcap, SOFTCAP, DOT_PRECISION)
+        s, unit = _scores(q, tl.trans(k), qk_scale, qk_softcap, SOFTCAP, DOT_PRECISION)
         if MASKED:
             visible = _visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, window, CAUSAL, WINDOWED)
             s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # m is in log2 units: the row max is scaled once (unit > 0 keeps it the max).
+        m_new = tl.maximum(m_i, tl.max(s, 1) * unit)
         if MASKED and CAUSAL:
             # A row that has seen no key so far keeps m = -inf; subtract 0 instead so that
             # its probabilities come out 0, not nan (-inf - -inf).
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_new_safe = m_new
-        p = tl.exp2(s - m_new_safe[:, None])
+        p = tl.exp2(s * unit - m_new_safe[:, None])
         alpha = tl.exp2(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
@@ -403,8 +411,8 @@ def _bwd_query_blocks(
         # Queries past the sequence get L = +inf, hence P = 0, and contribute nothing.
         lse = tl.load(LSEg + offs_m, mask=offs_m < seqlen_q, other=float("inf")) * _LOG2_E
         delta = tl.load(DELTAg + offs_m, mask=offs_m < seqlen_q, other=0.0)
-        s_t = _scores(k, tl.trans(q), qk_scale, qk_softcap, SOFTCAP, DOT_PRECISION)
-        p_t = tl.exp2(s_t - lse[None, :])
+        s_t, unit = _scores(k, tl.trans(q), qk_scale, qk_softcap, SOFTCAP, DOT_PRECISION)
+        p_t = tl.exp2(s_t * unit - lse[None, :])
         if MASKED:
             # After exp2, so that rows with L = -inf (they see no key) give 0, not nan.
             visible = _visible(offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, window, CAUSAL, WINDOWED)
@@ -498,8 +506,8 @@ def _bwd_key_blocks(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K, start_n, stride_kt, seqlen_k, offs_d, D, BLOCK_N)
         v = _load_rows(V, start_n, stride_vt, seqlen_k, offs_d, D, BLOCK_N)
-        s = _scores(q, tl.trans(k), qk_scale, qk_softcap, SOFTCAP, DOT_PRECISION)
-        p = tl.exp2(s - lse[:, None])
+        s, unit = _scores(q, tl.trans(k), qk_scale, qk_softcap, SOFTCAP, DOT_PRECISION)
+        p = tl.exp2(s * unit - lse[:, None])
         if MASKED:
             visible = _visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, window, CAUSAL, WINDOWED)
             p = tl.where(visible, p, 0.0)
@@ -593,22 +601,32 @@ def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> trit
 # bounds are exact for any pair of blocks, so causal needs no further pruning.
 #
 # fp16/bf16: the M dimension of every product (the owned block) is at least 64 and warps a
-# multiple of 4, which Triton needs to emit wgmma on sm_90. Each config was kept only if
-# its heaviest specialisation (causal, dropout: Philox state costs registers per element)
-# builds without spills and within shared memory on sm_80 and sm_90 (the compile report
-# checks it). Per head-dim block: a small config for short sequences and decoding, a large
-# one for long sequences; at D=128 the dK/dV and dQ accumulators leave room for one only.
-HALF_CONFIGS = {
-    64: {
-        "fwd": [_config(64, 32, 4, 2), _config(128, 64, 8, 3)],
-        "dkdv": [_config(32, 64, 4, 3), _config(32, 128, 8, 3)],
-        "dq": [_config(64, 32, 4, 3), _config(128, 64, 8, 2)],
-    },
-    128: {
-        "fwd": [_config(64, 32, 4, 3), _config(128, 64, 8, 3)],
-        "dkdv": [_config(32, 64, 8, 3)],
-        "dq": [_config(64, 32, 4, 3)],
-    },
+# multiple of 4, which Triton needs to emit wgmma on sm_90. Configs are chosen per head-dim
+# block and per specialisation: the dropout-free build (what training without attention
+# dropout and inference run) and the dropout build (Philox state costs registers per
+# element) each get the tiles that build best, by the static cost of their SASS (python -m
+# bench.static --op attention): fewest main-loop instructions per (query, key) pair, no
+# tensor-core product computed twice by two warp groups (MMA redundancy), no spills and
+# shared memory within limits on sm_80 and sm_90 (the compile report checks it). Per list:
+# a small config for short sequences and decoding, then one for long sequences. At D=128,
+# 8 warps over a 64-key dK/dV block leave two warp groups computing the same S^T and dP^T;
+# 128 keys (16 rows per warp) split them, at 16 queries a step to stay within registers.
+_D64_DROPOUT = {
+    "fwd": [_config(64, 32, 4, 2), _config(128, 64, 8, 3)],
+    "dkdv": [_config(32, 64, 4, 3), _config(32, 128, 8, 3)],
+    "dq": [_config(64, 32, 4, 3), _config(128, 64, 8, 2)],
+}
+_D128_DROPOUT = {
+    "fwd": [_config(64, 32, 4, 3), _config(128, 64, 8, 3)],
+    "dkdv": [_config(16, 128, 8, 2)],
+    "dq": [_config(64, 32, 4, 3)],
+}
+HALF_CONFIGS = {  # (head-dim block, dropout) -> kind -> configs
+    (64, True): _D64_DROPOUT,
+    (64, False): {**_D64_DROPOUT, "fwd": [_config(64, 32, 4, 2), _config(128, 128, 8, 3)],
+                  "dkdv": [_config(32, 64, 4, 3), _config(32, 128, 8, 2)]},
+    (128, True): _D128_DROPOUT,
+    (128, False): {**_D128_DROPOUT, "dq": [_config(64, 32, 4, 3), _config(128, 32, 8, 2)]},
 }
 # True fp32 multiplies on CUDA cores hold whole operand rows in registers: small tiles,
 # for every head-dim block; single-stage, except dQ, whose single-stage build spilled 8 B
@@ -635,19 +653,19 @@ def head_dim_block(head_dim: int) -> int:
     return HEAD_DIM_BLOCKS[0] if head_dim <= HEAD_DIM_BLOCKS[0] else HEAD_DIM_BLOCKS[1]
 
 
-def gpu_configs(kind: str, dtype: torch.dtype, block_d: int) -> list[triton.Config]:
-    """The autotune list of kernel ``kind`` ("fwd", "dkdv", "dq") for inputs of ``dtype``
-    and head-dim block ``block_d``."""
-    return FP32_CONFIGS[kind] if dtype == torch.float32 else HALF_CONFIGS[block_d][kind]
+def gpu_configs(kind: str, dtype: torch.dtype, block_d: int, dropout: bool) -> list[triton.Config]:
+    """The autotune list of kernel ``kind`` ("fwd", "dkdv", "dq") for inputs of ``dtype``,
+    head-dim block ``block_d``, with or without ``dropout``."""
+    return FP32_CONFIGS[kind] if dtype == torch.float32 else HALF_CONFIGS[block_d, dropout][kind]
 
 
 def _prune(kind: str):
-    """Autotune pruning for ``kind``: the configs for the dtype and head-dim block, with
+    """Autotune pruning for ``kind``: the configs for the dtype, head-dim block and dropout, with
     blocks no larger than the padded sequence length they tile (down to the smallest block
     on offer, which wgmma needs)."""
 
     def prune(configs, named_args, **kwargs):
-        pool = gpu_configs(kind, named_args["Q"].dtype, kwargs["BLOCK_D"])
+        pool = gpu_configs(kind, named_args["Q"].dtype, kwargs["BLOCK_D"], kwargs["HAS_DROPOUT"])
         smallest_m = min(c.kwargs["BLOCK_M"] for c in pool)
         smallest_n = min(c.kwargs["BLOCK_N"] for c in pool)
         return [
@@ -663,7 +681,9 @@ def _autotuned(kind: str, kernel):
     if _backend.INTERPRETER_ON:
         configs = INTERPRETER_CONFIGS[kind]
     else:
-        configs = FP32_CONFIGS[kind] + [c for by_kind in HALF_CONFIGS.values() for c in by_kind[kind]]
+        # Specialisations share some lists: each config once.
+        half = {id(c): c for by_kind in HALF_CONFIGS.values() for c in by_kind[kind]}
+        configs = FP32_CONFIGS[kind] + list(half.values())
     return triton.autotune(
         configs=configs,
         key=["q_bucket", "k_bucket", "D", "CAUSAL", "WINDOWED", "SOFTCAP", "VARLEN", "HAS_DROPOUT"],

@@ -422,11 +422,15 @@ def test_saves_only_qkv_output_and_fp32_logsumexp(device):
 
 
 def test_configs_suit_the_hardware_and_the_causal_diagonal():
-    for block_d, by_kind in attention_module.HALF_CONFIGS.items():
+    assert set(attention_module.HALF_CONFIGS) == {
+        (block_d, dropout) for block_d in attention_module.HEAD_DIM_BLOCKS for dropout in (False, True)
+    }
+    for specialisation, by_kind in attention_module.HALF_CONFIGS.items():
+        assert set(by_kind) == {"fwd", "dkdv", "dq"}, specialisation
         for kind, configs in by_kind.items():
             owned, looped = ("BLOCK_N", "BLOCK_M") if kind == "dkdv" else ("BLOCK_M", "BLOCK_N")
             for c in configs:
-                assert c.kwargs[owned] >= max(64, c.kwargs[looped]) and c.num_warps % 4 == 0, (block_d, kind, c)
+                assert c.kwargs[owned] >= max(64, c.kwargs[looped]) and c.num_warps % 4 == 0, (specialisation, kind, c)
     for kind, configs in {**attention_module.FP32_CONFIGS, **attention_module.INTERPRETER_CONFIGS}.items():
         owned, looped = ("BLOCK_N", "BLOCK_M") if kind == "dkdv" else ("BLOCK_M", "BLOCK_N")
         assert all(c.kwargs[owned] >= c.kwargs[looped] for c in configs), kind
@@ -438,13 +442,15 @@ def test_autotune_pruning_by_shape(dtype):
     for kind in ("fwd", "dkdv", "dq"):
         prune = attention_module._prune(kind)
         for block_d in attention_module.HEAD_DIM_BLOCKS:
-            pool = attention_module.gpu_configs(kind, dtype, block_d)
-            small = prune(pool, dict(Q=q, q_bucket=1, k_bucket=1), BLOCK_D=block_d)
-            assert len(small) == 1 and small[0] in pool
-            assert small[0].kwargs["BLOCK_M"] == min(c.kwargs["BLOCK_M"] for c in pool)
-            assert prune(pool, dict(Q=q, q_bucket=8192, k_bucket=8192), BLOCK_D=block_d) == pool
-            decode = prune(pool, dict(Q=q, q_bucket=1, k_bucket=8192), BLOCK_D=block_d)
-            assert all(c.kwargs["BLOCK_M"] == small[0].kwargs["BLOCK_M"] for c in decode)
+            for dropout in (False, True):
+                meta = dict(BLOCK_D=block_d, HAS_DROPOUT=dropout)
+                pool = attention_module.gpu_configs(kind, dtype, block_d, dropout)
+                small = prune(pool, dict(Q=q, q_bucket=1, k_bucket=1), **meta)
+                assert len(small) == 1 and small[0] in pool
+                assert small[0].kwargs["BLOCK_M"] == min(c.kwargs["BLOCK_M"] for c in pool)
+                assert prune(pool, dict(Q=q, q_bucket=8192, k_bucket=8192), **meta) == pool
+                decode = prune(pool, dict(Q=q, q_bucket=1, k_bucket=8192), **meta)
+                assert all(c.kwargs["BLOCK_M"] == small[0].kwargs["BLOCK_M"] for c in decode)
 
 
 def test_head_dim_blocks():
