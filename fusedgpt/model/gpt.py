@@ -29,13 +29,15 @@ from fusedgpt.model.config import GPTConfig
 Tensor = torch.Tensor
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float, backend: str) -> Tensor:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float, backend: str,
+                     packed: Optional[PackedSequences] = None) -> Tensor:
     """Causal softmax attention of q (B, H, Tq, D) over k, v (B, H, Tk, D) -> (B, H, Tq, D).
 
     With ``Tq < Tk`` (decoding with a KV cache) the mask is bottom-right aligned: the last
-    query sees every key.
+    query sees every key. With ``packed`` (B = 1), each sequence attends only within itself.
     """
-    return flash_attention(q, k, v, causal=True, dropout_p=dropout_p, backend=backend)
+    varlen = {} if packed is None else packed.attention_arguments()
+    return flash_attention(q, k, v, causal=True, dropout_p=dropout_p, backend=backend, **varlen)
 
 
 def language_model_loss(hidden: Tensor, head_weight: Tensor, targets: Tensor, *, backend: str) -> Tensor:
@@ -105,6 +107,40 @@ class KVCache:
         self.length = 0
 
 
+class PackedSequences:
+    """Sequences packed back to back in one row: their offsets for the attention's
+    variable-length path and each token's position within its own sequence."""
+
+    def __init__(self, cu_seqlens: Tensor, positions: Tensor, max_seqlen: int):
+        self.cu_seqlens, self.positions, self.max_seqlen = cu_seqlens, positions, max_seqlen
+
+    @classmethod
+    def of(cls, cu_seqlens: Tensor, idx: Tensor, cache: Optional[KVCache]) -> "PackedSequences":
+        if cache is not None:
+            raise ValueError("cu_seqlens (packed sequences) cannot be used with a KV cache")
+        if not isinstance(idx, Tensor) or idx.dim() != 2:
+            raise ValueError(f"packed sequences need idx of shape (1, total), got {getattr(idx, 'shape', idx)!r}")
+        if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+            raise TypeError(f"cu_seqlens must be an int32 (N + 1,) tensor, got "
+                            f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens))}")
+        if idx.shape[0] != 1 or cu_seqlens.numel() < 2 or int(cu_seqlens[0]) != 0 \
+                or int(cu_seqlens[-1]) != idx.shape[1]:
+            raise ValueError(f"packed sequences need idx of shape (1, total) and cu_seqlens rising from 0 "
+                             f"to total; got idx {tuple(idx.shape)}, cu_seqlens {cu_seqlens.tolist()}")
+        lengths = cu_seqlens.diff()
+        if bool((lengths < 1).any()):
+            raise ValueError(f"cu_seqlens must rise strictly (no empty sequence), got {cu_seqlens.tolist()}")
+        cu_seqlens = cu_seqlens.to(idx.device)
+        starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths.to(idx.device).long())
+        positions = torch.arange(idx.shape[1], device=idx.device) - starts
+        return cls(cu_seqlens, positions, int(lengths.max()))
+
+    def attention_arguments(self) -> dict:
+        """``flash_attention``'s variable-length arguments (queries and keys alike)."""
+        return dict(cu_seqlens_q=self.cu_seqlens, cu_seqlens_k=self.cu_seqlens,
+                    max_seqlen_q=self.max_seqlen, max_seqlen_k=self.max_seqlen)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
@@ -116,13 +152,14 @@ class CausalSelfAttention(nn.Module):
         self.backend = config.backend
         self.layer = layer
 
-    def forward(self, x: Tensor, cache: Optional[KVCache]) -> Tensor:
+    def forward(self, x: Tensor, cache: Optional[KVCache], packed: Optional[PackedSequences]) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        y = causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+        y = causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, backend=self.backend,
+                             packed=packed)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -147,12 +184,12 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: Tensor, residual: Optional[Tensor], cache: Optional[KVCache]
+        self, x: Tensor, residual: Optional[Tensor], cache: Optional[KVCache], packed: Optional[PackedSequences]
     ) -> tuple[Tensor, Tensor]:
         """x: the previous branch's output, not yet in the residual stream (or the stream
         itself when ``residual`` is None). Returns this block's MLP output and the stream."""
         normed, residual = self.ln_1(x, residual)
-        x = self.attn(normed, cache)
+        x = self.attn(normed, cache, packed)
         normed, residual = self.ln_2(x, residual)
         return self.mlp(normed), residual
 
@@ -194,6 +231,7 @@ class GPT(nn.Module):
         *,
         cache: Optional[KVCache] = None,
         last_only: bool = False,
+        cu_seqlens: Optional[Tensor] = None,
     ) -> Tensor:
         """Logits, or the loss when ``targets`` are given.
 
@@ -205,6 +243,11 @@ class GPT(nn.Module):
             cache: a :class:`KVCache`: ``idx`` continues the sequence it holds, and its keys
                 and values are appended.
             last_only: return only the last position's logits (what decoding needs).
+            cu_seqlens: packed sequences (no padding): idx is (1, total) holding N sequences
+                back to back, sequence n at ``cu_seqlens[n] .. cu_seqlens[n + 1]`` (int32
+                (N + 1,) offsets from 0 to total). Each attends only within itself and counts
+                its positions from 0, so the result equals running the sequences one by one.
+                Not with ``cache``.
 
         Returns:
             Without targets: logits (B, T, vocab_size) (T = 1 with ``last_only``), in the
@@ -212,13 +255,16 @@ class GPT(nn.Module):
             the scalar mean cross-entropy over the positions not ignored, fp32.
         """
         start = cache.length if cache is not None else 0
-        self._check_inputs(idx, targets, start)
+        packed = None if cu_seqlens is None else PackedSequences.of(cu_seqlens, idx, cache)
+        # A packed row may be longer than the context; each of its sequences may not, so the
+        # context check sees the row as ending at the longest sequence's length.
+        self._check_inputs(idx, targets, start if packed is None else packed.max_seqlen - idx.shape[1])
         B, T = idx.shape
-        positions = torch.arange(start, start + T, device=idx.device)
+        positions = torch.arange(start, start + T, device=idx.device) if packed is None else packed.positions
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
         residual = None
         for block in self.transformer.h:
-            x, residual = block(x, residual, cache)
+            x, residual = block(x, residual, cache, packed)
         x, _ = self.transformer.ln_f(x, residual)
         if cache is not None:
             cache.advance(T)

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from fusedgpt.kernels import add_rms_norm, apply_rotary, flash_attention, rms_norm, rotary_cache, swiglu
 from fusedgpt.model.config import LlamaConfig
-from fusedgpt.model.gpt import GPT, KVCache, language_model_loss
+from fusedgpt.model.gpt import GPT, KVCache, PackedSequences, language_model_loss
 
 Tensor = torch.Tensor
 
@@ -63,35 +63,6 @@ class HeadNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps, backend=self.backend)
 
 
-class PackedSequences:
-    """Sequences packed back to back in one row: their offsets for the attention's
-    variable-length path and each token's position within its own sequence."""
-
-    def __init__(self, cu_seqlens: Tensor, positions: Tensor, max_seqlen: int):
-        self.cu_seqlens, self.positions, self.max_seqlen = cu_seqlens, positions, max_seqlen
-
-    @classmethod
-    def of(cls, cu_seqlens: Tensor, idx: Tensor, cache: Optional[KVCache]) -> "PackedSequences":
-        if cache is not None:
-            raise ValueError("Llama: cu_seqlens (packed sequences) cannot be used with a KV cache")
-        if not isinstance(idx, Tensor) or idx.dim() != 2:
-            raise ValueError(f"Llama: packed sequences need idx of shape (1, total), got {getattr(idx, 'shape', idx)!r}")
-        if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
-            raise TypeError(f"Llama: cu_seqlens must be an int32 (N + 1,) tensor, got "
-                            f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens))}")
-        if idx.shape[0] != 1 or cu_seqlens.numel() < 2 or int(cu_seqlens[0]) != 0 \
-                or int(cu_seqlens[-1]) != idx.shape[1]:
-            raise ValueError(f"Llama: packed sequences need idx of shape (1, total) and cu_seqlens rising from 0 "
-                             f"to total; got idx {tuple(idx.shape)}, cu_seqlens {cu_seqlens.tolist()}")
-        lengths = cu_seqlens.diff()
-        if bool((lengths < 1).any()):
-            raise ValueError(f"Llama: cu_seqlens must rise strictly (no empty sequence), got {cu_seqlens.tolist()}")
-        cu_seqlens = cu_seqlens.to(idx.device)
-        starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths.to(idx.device).long())
-        positions = torch.arange(idx.shape[1], device=idx.device) - starts
-        return cls(cu_seqlens, positions, int(lengths.max()))
-
-
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer: int):
         super().__init__()
@@ -110,7 +81,7 @@ class Attention(nn.Module):
         self.layer = layer
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], positions: Optional[Tensor],
-                cache: Optional[KVCache], packed: Optional["PackedSequences"]) -> Tensor:
+                cache: Optional[KVCache], packed: Optional[PackedSequences]) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -121,9 +92,7 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, heads, T, D) views, read in place
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        varlen = {} if packed is None else dict(
-            cu_seqlens_q=packed.cu_seqlens, cu_seqlens_k=packed.cu_seqlens,
-            max_seqlen_q=packed.max_seqlen, max_seqlen_k=packed.max_seqlen)
+        varlen = {} if packed is None else packed.attention_arguments()
         y = flash_attention(q, k, v, causal=True, window=self.window, backend=self.backend, **varlen)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -150,7 +119,7 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, residual: Optional[Tensor], rope: tuple[Tensor, Tensor],
                 positions: Optional[Tensor], cache: Optional[KVCache],
-                packed: Optional["PackedSequences"]) -> tuple[Tensor, Tensor]:
+                packed: Optional[PackedSequences]) -> tuple[Tensor, Tensor]:
         """x: the previous branch's output, not yet in the residual stream (or the stream
         itself when ``residual`` is None). Returns this block's MLP output and the stream."""
         normed, residual = self.input_layernorm(x, residual)

@@ -51,7 +51,6 @@ import torch
 from fusedgpt.hardware import autocast, resolve_device
 from fusedgpt.io import written
 from fusedgpt.model.gpt import GPT
-from fusedgpt.model.llama import Llama
 from fusedgpt.train import finetune
 from fusedgpt.train import finetune_data as fdata
 from fusedgpt.train.finetune_data import Instruction
@@ -262,9 +261,6 @@ def run(args: argparse.Namespace) -> int:
     base = finetune.base_from_args(args)
     model, tokenizer = base.model, base.tokenizer
     device = next(model.parameters()).device
-    if args.pack and not isinstance(model, Llama):
-        raise ValueError("--pack needs a Llama-family model (e.g. --preset llama-tiny): GPT-2's learned positions "
-                         "do not restart within a packed row")
     data = {}
     for name, items in examples.items():
         data[name], truncated = encode_instructions(items, tokenizer, template, model.config.context_length)
@@ -331,7 +327,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--mask-prompt", action="store_true", help="no loss on the prompt tokens, only on the response")
     data.add_argument("--pack", action="store_true",
                       help="train on each batch's examples packed into one row (variable-length attention, no "
-                           "padding; Llama-family models)")
+                           "padding; positions restart at each example)")
     parser.add_argument("--responses", type=int, default=100, help="held-out instructions to answer at the end")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per response at most")
     finetune.add_arguments(parser, out="runs/instruct", epochs=2, batch_size=8, lr=1e-4)

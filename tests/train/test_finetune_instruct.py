@@ -108,3 +108,59 @@ def test_bad_instruction_files_give_clear_errors(tmp_path, capsys):
     path.write_text("instruction,output\nSay hi,hi\n")
     assert main(["finetune-instruct", "--data", str(path), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     assert "instructions must be a .json or .jsonl file" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- packed sequences on GPT-2
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_packed_gpt2_batch_equals_the_padded_batch_and_each_sequence_alone(backend):
+    """Packed (cu_seqlens): learned positions restart at each example and attention stays
+    within it, so the loss and every gradient are the padded batch's, and the logits each
+    sequence's own."""
+    from fusedgpt.model import GPTConfig
+    from fusedgpt.train.finetune_instruct import pack
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=PAD + 1, context_length=16, n_layer=1, n_head=2, n_embd=32, backend=backend))
+    lengths = (7, 2, 11)  # tokens per example; inputs and targets are one shorter
+    batch = [EncodedInstruction(torch.randint(0, PAD, (n,)).tolist(), prompt_length=2) for n in lengths]
+    for mask_prompt in (False, True):
+        inputs, targets, cu_seqlens = pack(batch, mask_prompt)
+        padded_inputs, padded_targets = collate(batch, PAD, mask_prompt)
+        assert inputs.shape == (1, sum(lengths) - len(lengths)) and inputs.numel() < padded_inputs.numel()
+        packed_loss = model(inputs, targets, cu_seqlens=cu_seqlens)
+        padded_loss = model(padded_inputs, padded_targets)
+        torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
+        packed_grads = torch.autograd.grad(packed_loss, list(model.parameters()))
+        padded_grads = torch.autograd.grad(padded_loss, list(model.parameters()))
+        for packed, padded in zip(packed_grads, padded_grads):
+            torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        packed_logits = model(inputs, cu_seqlens=cu_seqlens)
+        starts = cu_seqlens.tolist()
+        for start, end in zip(starts[:-1], starts[1:]):
+            torch.testing.assert_close(packed_logits[:, start:end], model(inputs[:, start:end]), atol=1e-5, rtol=0)
+    # A row longer than the context is fine when each sequence fits; a sequence longer is not.
+    with pytest.raises(ValueError, match="context length"):
+        model(torch.zeros(1, 17, dtype=torch.long), cu_seqlens=torch.tensor([0, 17], dtype=torch.int32))
+
+
+def test_finetune_instruct_packed_on_gpt2_trains_as_padded(tmp_path, capsys):
+    examples = [{"instruction": "Which kind of play is this from?", "input": f"line {i}" * (1 + i % 4),
+                 "output": "comedy"} for i in range(6)]
+    fdata.write_jsonl(tmp_path / "train.jsonl", examples[:4])
+    fdata.write_jsonl(tmp_path / "val.jsonl", examples[4:])
+    argv = ["finetune-instruct", "--preset", "tiny", "--data", str(tmp_path / "train.jsonl"), "--val",
+            str(tmp_path / "val.jsonl"), "--mask-prompt", "--epochs", "2", "--batch-size", "2", "--lr", "3e-3",
+            "--max-new-tokens", "1", "--responses", "0", "--backend", "torch", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "packed"), "--pack"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "padded")]) == 0
+    capsys.readouterr()
+
+    def train_losses(out):
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        return [r["train_loss"] for r in map(json.loads, lines) if "train_loss" in r]
+
+    packed, padded = train_losses(tmp_path / "packed"), train_losses(tmp_path / "padded")
+    assert len(packed) == 4 and packed == pytest.approx(padded, rel=1e-4)  # the same training, without padding
