@@ -1,4 +1,5 @@
-"""``fusedgpt finetune-classify`` and ``fusedgpt classify``: a GPT as a text classifier.
+"""``fusedgpt finetune-classify`` and ``fusedgpt classify``: a GPT-2 or Llama-family model
+as a text classifier.
 
 The language-model head is replaced by a linear layer from the final hidden state to one
 logit per class, and a text is classified from the hidden state of its *last real token*.
@@ -8,7 +9,7 @@ never reaches the positions that are read. Texts longer than ``--max-length`` to
 their first ``max_length`` tokens (and are counted in a warning).
 
 What trains (``--train``): ``head`` (the new head only), ``last-k-blocks`` (the head, the
-final LayerNorm and the last ``--last-k`` transformer blocks; the default, since a
+final norm and the last ``--last-k`` transformer blocks; the default, since a
 pretrained model's lower layers already give general features) or ``all``. With
 ``--lora-rank`` the base weights stay frozen and only the adapters and the head train. The
 loss is the fused cross-entropy (``fusedgpt.kernels.cross_entropy``) over the class logits.
@@ -24,7 +25,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -33,6 +34,7 @@ from fusedgpt.hardware import add_device_arguments, autocast, choose_backend, re
 from fusedgpt.io import written
 from fusedgpt.kernels import cross_entropy
 from fusedgpt.model.gpt import GPT
+from fusedgpt.model.llama import Llama
 from fusedgpt.train import finetune
 from fusedgpt.train import finetune_data as fdata
 from fusedgpt.train.lora import LoRAConfig, apply_lora, merge_lora
@@ -44,20 +46,28 @@ TRAIN_MODES = ("last-k-blocks", "all", "head")
 EVAL_BATCH_SIZE = 32
 
 
+def blocks_and_final_norm(gpt: Union[GPT, Llama]) -> tuple[nn.ModuleList, nn.Module]:
+    """The transformer blocks and the norm after them, in either family."""
+    if isinstance(gpt, Llama):
+        return gpt.model.layers, gpt.model.norm
+    return gpt.transformer.h, gpt.transformer.ln_f
+
+
 class GPTClassifier(nn.Module):
-    """A GPT whose output head gives ``num_classes`` logits, read at each text's last token.
+    """A GPT (or Llama-family model) whose output head gives ``num_classes`` logits, read at
+    each text's last token.
 
     The head is a new ``nn.Linear(n_embd, num_classes)`` (GPT-2 initialisation) in place of
     ``gpt.lm_head``; the token embedding it was tied to stays as it is.
     """
 
-    def __init__(self, gpt: GPT, num_classes: int):
+    def __init__(self, gpt: Union[GPT, Llama], num_classes: int):
         super().__init__()
         if not isinstance(num_classes, int) or not 2 <= num_classes <= gpt.config.vocab_size:
             # GPT.forward returns the head's outputs cut to vocab_size columns, which keeps
             # all of them only while there are no more classes than tokens.
             raise ValueError(f"num_classes must be an int in [2, {gpt.config.vocab_size}], got {num_classes!r}")
-        head = nn.Linear(gpt.config.n_embd, num_classes, device=gpt.transformer.wte.weight.device)
+        head = nn.Linear(gpt.config.n_embd, num_classes, device=gpt.lm_head.weight.device)
         nn.init.normal_(head.weight, mean=0.0, std=0.02)
         nn.init.zeros_(head.bias)
         gpt.lm_head = head
@@ -80,12 +90,12 @@ def set_trainable(model: GPTClassifier, mode: str, last_k: int = 1) -> None:
     """Freeze ``model`` but for what ``mode`` trains (see the module docstring)."""
     if mode not in TRAIN_MODES:
         raise ValueError(f"train mode must be one of {TRAIN_MODES}, got {mode!r}")
-    blocks = model.gpt.transformer.h
+    blocks, final_norm = blocks_and_final_norm(model.gpt)
     if mode == "last-k-blocks" and not 1 <= last_k <= len(blocks):
         raise ValueError(f"--last-k must be in [1, {len(blocks)}] (the model's blocks), got {last_k}")
     model.requires_grad_(mode == "all")
     if mode == "last-k-blocks":
-        for module in (*blocks[len(blocks) - last_k :], model.gpt.transformer.ln_f):
+        for module in (*blocks[len(blocks) - last_k :], final_norm):
             module.requires_grad_(True)
     model.gpt.lm_head.requires_grad_(True)
 
@@ -250,13 +260,13 @@ def load_splits(args: argparse.Namespace, out: Path) -> tuple[dict[str, list[tup
     return splits, sources
 
 
-def classifier_to_train(gpt: GPT, num_classes: int, lora: Optional[LoRAConfig], train: Optional[str],
+def classifier_to_train(gpt: Union[GPT, Llama], num_classes: int, lora: Optional[LoRAConfig], train: Optional[str],
                         last_k: int) -> tuple[GPTClassifier, str]:
     """``gpt`` as a classifier, with what trains set (see the module docstring), and the
     name of that choice (``"lora"`` or a :data:`TRAIN_MODES` one), described on stdout."""
     if lora is not None:
         apply_lora(gpt, lora)
-    model = GPTClassifier(gpt, num_classes).to(gpt.transformer.wte.weight.device)
+    model = GPTClassifier(gpt, num_classes).to(gpt.lm_head.weight.device)
     mode = "lora" if lora is not None else (train or "last-k-blocks")
     if lora is None:
         set_trainable(model, mode, last_k)
@@ -297,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
                                       "a classifier needs at least 2")
 
     base = finetune.base_from_args(args)
-    device = base.model.transformer.wte.weight.device
+    device = base.model.lm_head.weight.device
     context = base.model.config.context_length
     max_length = context if args.max_length is None else args.max_length
     if max_length > context:

@@ -181,3 +181,49 @@ def test_finetuning_starts_from_a_gpt2_directory(tmp_path, capsys):
     assert meta["model"]["n_embd"] == 16 and meta["train_mode"] == "last-k-blocks"
     assert main(["finetune-classify", "--data", str(tmp_path / "train.csv"), "--out", str(out), "--no-progress"]) == 2
     assert "already holds a checkpoint" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- Llama family
+
+
+def tiny_llama_classifier(num_classes: int = 3) -> GPTClassifier:
+    from fusedgpt.model import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig.from_preset("llama-tiny", vocab_size=VOCAB, context_length=24, backend="torch")
+    return GPTClassifier(Llama(config), num_classes).eval()
+
+
+def test_a_llama_classifier_reads_the_last_real_token_and_trains_its_last_block():
+    model = tiny_llama_classifier()
+    texts = [torch.randint(0, VOCAB, (n,)) for n in (7, 1, 12)]
+    with torch.no_grad():
+        alone = torch.cat([model(t[None], torch.tensor([len(t)])) for t in texts])
+        idx = torch.full((3, 12), VOCAB - 1)
+        for row, t in enumerate(texts):
+            idx[row, : len(t)] = t
+        torch.testing.assert_close(model(idx, torch.tensor([len(t) for t in texts])), alone, atol=1e-5, rtol=1e-5)
+    set_trainable(model, "last-k-blocks", last_k=1)
+    trains = ("gpt.lm_head.", "gpt.model.norm.", "gpt.model.layers.1.")
+    for name, param in model.named_parameters():
+        assert param.requires_grad == name.startswith(trains), name
+
+
+def test_finetune_classify_with_lora_on_llama_tiny_and_the_saved_classifier_agrees(tmp_path, capsys):
+    fdata.write_csv(tmp_path / "train.csv", toy_rows(40, 0), ("text", "label"))
+    fdata.write_jsonl(tmp_path / "test.jsonl", toy_rows(10, 1))
+    out = tmp_path / "run"
+    code = main(["finetune-classify", "--preset", "llama-tiny", "--data", str(tmp_path / "train.csv"),
+                 "--test", str(tmp_path / "test.jsonl"), "--val-fraction", "0.2", "--out", str(out),
+                 "--lora-rank", "2", "--lora-targets", "q_proj,v_proj", "--epochs", "1", "--batch-size", "8",
+                 "--max-length", "6", "--backend", "torch", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "training: lora rank=2 alpha=2 on q_proj,v_proj" in printed
+    results = json.loads((out / "results.json").read_text())
+    classifier = load_classifier(str(out), backend="torch")
+    assert classifier.model.gpt.model.layers[0].self_attn.q_proj.rank == 2  # the adapters came back
+    test = toy_rows(10, 1)
+    predicted = classifier.predict([r["text"] for r in test])
+    accuracy = sum(p == r["label"] for p, r in zip(predicted, test)) / len(test)
+    assert accuracy == pytest.approx(results["test_accuracy"])
