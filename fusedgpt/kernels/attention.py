@@ -608,7 +608,8 @@ def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> trit
 # bench.static --op attention): fewest main-loop instructions per (query, key) pair, no
 # tensor-core product computed twice by two warp groups (MMA redundancy), no spills and
 # shared memory within limits on sm_80 and sm_90 (the compile report checks it). Per list:
-# a small config for short sequences and decoding, then one for long sequences. At D=128,
+# a small config for short sequences and decoding, then one for long sequences, or one
+# config where it wins at every length or registers leave room for no other. At D=128,
 # 8 warps over a 64-key dK/dV block leave two warp groups computing the same S^T and dP^T;
 # 128 keys (16 rows per warp) split them, at 16 queries a step to stay within registers.
 _D64_DROPOUT = {
@@ -626,7 +627,10 @@ HALF_CONFIGS = {  # (head-dim block, dropout) -> kind -> configs
     (64, False): {**_D64_DROPOUT, "fwd": [_config(64, 32, 4, 2), _config(128, 128, 8, 3)],
                   "dkdv": [_config(32, 64, 4, 3), _config(32, 128, 8, 2)]},
     (128, True): _D128_DROPOUT,
-    (128, False): {**_D128_DROPOUT, "dq": [_config(64, 32, 4, 3), _config(128, 32, 8, 2)]},
+    # One dQ config: 128x32 w8 costs fewer instructions per pair than 64x32 w4 at any
+    # length, and with every feature on (grouped-query, window, soft-cap, packed) builds
+    # without the 64x32 build's spill on sm_80; with dropout it spills, 64x32 does not.
+    (128, False): {**_D128_DROPOUT, "dq": [_config(128, 32, 8, 2)]},
 }
 # True fp32 multiplies on CUDA cores hold whole operand rows in registers: small tiles,
 # for every head-dim block; single-stage, except dQ, whose single-stage build spilled 8 B
