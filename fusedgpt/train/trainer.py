@@ -435,7 +435,8 @@ class Trainer:
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         with self.autocast:
             out = generate(self.model, idx, self.cfg.sample_tokens, temperature=0.8, top_k=200,
-                           eos_id=tokenizer.eot_token, generator=generator)
+                           eos_id=tokenizer.eot_token, generator=generator,
+                           vocab_limit=min(tokenizer.n_vocab, self.model.config.vocab_size))
         return tokenizer.decode(out[0].tolist())
 
     # ------------------------------------------------------------------ bookkeeping
