@@ -73,7 +73,7 @@ def _audit_cases(config, batch: int, dtype: torch.dtype) -> list[dict]:
     fused = Block(config, layer=0)
     cases = [
         ("block", "eager (math attention)", lambda: plain(stream), list(plain.parameters())),
-        ("block", "fused", lambda: fused(branch, stream, None), list(fused.parameters())),
+        ("block", "fused", lambda: fused(branch, stream, None, None), list(fused.parameters())),
     ]
     model = GPT(config)
     head = model.lm_head.weight

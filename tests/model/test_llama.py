@@ -441,32 +441,6 @@ def test_packed_instruction_batch_has_the_padded_batch_loss():
                                        model(padded_inputs, padded_targets), atol=1e-5, rtol=1e-5)
 
 
-def test_finetune_instruct_packed_on_llama_tiny(tmp_path, capsys):
-    from fusedgpt.cli import main
-    from fusedgpt.train import finetune_data as fdata
-    from fusedgpt.train.finetune_instruct import load_instruction_model
-
-    examples = [{"instruction": "Which kind of play is this from?", "input": f"line {i}" * (1 + i % 4),
-                 "output": "comedy"} for i in range(10)]
-    fdata.write_jsonl(tmp_path / "train.jsonl", examples[:8])
-    fdata.write_jsonl(tmp_path / "val.jsonl", examples[8:])
-    argv = ["finetune-instruct", "--preset", "llama-tiny", "--data", str(tmp_path / "train.jsonl"), "--val",
-            str(tmp_path / "val.jsonl"), "--mask-prompt", "--epochs", "2", "--batch-size", "4", "--lr", "3e-3",
-            "--max-new-tokens", "2", "--responses", "1", "--backend", "torch", "--no-progress"]
-    assert main([*argv, "--out", str(tmp_path / "packed"), "--pack"]) == 0
-    assert main([*argv, "--out", str(tmp_path / "padded")]) == 0
-    capsys.readouterr()
-
-    def train_losses(out):
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-        return [r["train_loss"] for r in map(json.loads, lines) if "train_loss" in r]
-
-    packed, padded = train_losses(tmp_path / "packed"), train_losses(tmp_path / "padded")
-    assert len(packed) == 4 and packed == pytest.approx(padded, rel=1e-4)  # the same training, without padding
-    model, _, _ = load_instruction_model(str(tmp_path / "packed"), backend="torch")
-    assert isinstance(model, Llama)
-
-
 def test_packing_benchmark_counts_the_same_tokens_in_fewer_positions():
     import argparse
 

@@ -11,6 +11,7 @@ import torch
 
 from fusedgpt.cli import main
 from fusedgpt.model import GPT
+from fusedgpt.model.llama import Llama
 from fusedgpt.model.tokenizer import get_tokenizer
 from fusedgpt.train import finetune_data as fdata
 from fusedgpt.train.finetune_data import Instruction
@@ -146,12 +147,13 @@ def test_packed_gpt2_batch_equals_the_padded_batch_and_each_sequence_alone(backe
         model(torch.zeros(1, 17, dtype=torch.long), cu_seqlens=torch.tensor([0, 17], dtype=torch.int32))
 
 
-def test_finetune_instruct_packed_on_gpt2_trains_as_padded(tmp_path, capsys):
+@pytest.mark.parametrize("preset, family", [("tiny", GPT), ("llama-tiny", Llama)])
+def test_finetune_instruct_packed_trains_as_padded(tmp_path, capsys, preset, family):
     examples = [{"instruction": "Which kind of play is this from?", "input": f"line {i}" * (1 + i % 4),
                  "output": "comedy"} for i in range(6)]
     fdata.write_jsonl(tmp_path / "train.jsonl", examples[:4])
     fdata.write_jsonl(tmp_path / "val.jsonl", examples[4:])
-    argv = ["finetune-instruct", "--preset", "tiny", "--data", str(tmp_path / "train.jsonl"), "--val",
+    argv = ["finetune-instruct", "--preset", preset, "--data", str(tmp_path / "train.jsonl"), "--val",
             str(tmp_path / "val.jsonl"), "--mask-prompt", "--epochs", "2", "--batch-size", "2", "--lr", "3e-3",
             "--max-new-tokens", "1", "--responses", "0", "--backend", "torch", "--no-progress"]
     assert main([*argv, "--out", str(tmp_path / "packed"), "--pack"]) == 0
@@ -164,3 +166,5 @@ def test_finetune_instruct_packed_on_gpt2_trains_as_padded(tmp_path, capsys):
 
     packed, padded = train_losses(tmp_path / "packed"), train_losses(tmp_path / "padded")
     assert len(packed) == 4 and packed == pytest.approx(padded, rel=1e-4)  # the same training, without padding
+    model, _, _ = load_instruction_model(str(tmp_path / "packed"), backend="torch")
+    assert isinstance(model, family)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusedgpt.model import GPT, GPTConfig
+from fusedgpt.model import GPT, GPTConfig, Llama, LlamaConfig
 from fusedgpt.train import finetune
 from fusedgpt.train.finetune_classify import GPTClassifier
 from fusedgpt.train.lora import LoRAConfig, LoRALinear, apply_lora, has_lora, merge_lora, parameter_counts
@@ -20,6 +20,14 @@ def tiny_gpt(seed: int = 0) -> GPT:
     return GPT(config)
 
 
+Q, KV, FF = 4 * 32, 2 * 32, 352  # llama-tiny: 4 query heads, 2 key/value heads of 32; MLP width
+
+
+def tiny_llama(seed: int = 0) -> Llama:
+    torch.manual_seed(seed)
+    return Llama(LlamaConfig.from_preset("llama-tiny", backend="torch", vocab_size=VOCAB, context_length=16))
+
+
 def randomise_adapters(model: torch.nn.Module) -> None:
     """B starts at zero (a no-op adapter); give it values so that the adapters matter."""
     torch.manual_seed(1)
@@ -29,15 +37,18 @@ def randomise_adapters(model: torch.nn.Module) -> None:
 
 
 @pytest.mark.parametrize(
-    "targets, in_out",
+    "build, targets, in_out",
     [
-        (("attn", "mlp"), [(N_EMBD, 3 * N_EMBD), (N_EMBD, N_EMBD), (N_EMBD, 4 * N_EMBD), (4 * N_EMBD, N_EMBD)]),
-        (("attn",), [(N_EMBD, 3 * N_EMBD), (N_EMBD, N_EMBD)]),
-        (("mlp.c_fc",), [(N_EMBD, 4 * N_EMBD)]),
+        (tiny_gpt, ("attn", "mlp"), [(N_EMBD, 3 * N_EMBD), (N_EMBD, N_EMBD), (N_EMBD, 4 * N_EMBD), (4 * N_EMBD, N_EMBD)]),
+        (tiny_gpt, ("attn",), [(N_EMBD, 3 * N_EMBD), (N_EMBD, N_EMBD)]),
+        (tiny_gpt, ("mlp.c_fc",), [(N_EMBD, 4 * N_EMBD)]),
+        (tiny_llama, ("attn", "mlp"), [(128, Q), (128, KV), (128, KV), (Q, 128), (128, FF), (128, FF), (FF, 128)]),
+        (tiny_llama, ("q_proj", "v_proj"), [(128, Q), (128, KV)]),
+        (tiny_llama, ("mlp",), [(128, FF), (128, FF), (FF, 128)]),
     ],
 )
-def test_only_the_adapters_train_and_their_count_is_rank_times_in_plus_out(targets, in_out):
-    model = tiny_gpt()
+def test_only_the_adapters_train_and_their_count_is_rank_times_in_plus_out(build, targets, in_out):
+    model = build()
     base_total = model.num_parameters()
     rank = 4
     adapted = apply_lora(model, LoRAConfig(rank, 8.0, targets))
@@ -47,8 +58,9 @@ def test_only_the_adapters_train_and_their_count_is_rank_times_in_plus_out(targe
     assert all(("lora_" in name) == p.requires_grad for name, p in model.named_parameters())
 
 
-def test_a_fresh_adapter_changes_nothing_and_merging_keeps_the_outputs():
-    model = tiny_gpt()
+@pytest.mark.parametrize("build, adapters_per_layer", [(tiny_gpt, 4), (tiny_llama, 7)])
+def test_a_fresh_adapter_changes_nothing_and_merging_keeps_the_outputs(build, adapters_per_layer):
+    model = build()
     idx = torch.randint(0, VOCAB, (3, 11))
     with torch.no_grad():
         base = model(idx)
@@ -57,11 +69,11 @@ def test_a_fresh_adapter_changes_nothing_and_merging_keeps_the_outputs():
         randomise_adapters(model)
         adapted = model(idx)
         assert not torch.allclose(adapted, base, atol=1e-3)
-        assert merge_lora(model) == 4 * N_LAYER
+        assert merge_lora(model) == adapters_per_layer * N_LAYER
         merged = model(idx)
     assert not has_lora(model)
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
-    assert set(model.state_dict()) == set(tiny_gpt().state_dict())
+    assert set(model.state_dict()) == set(build().state_dict())
 
 
 def test_a_step_changes_only_the_adapters_and_the_new_head(tmp_path):
@@ -119,52 +131,6 @@ def test_adapting_twice_is_refused():
 
 
 # --------------------------------------------------------------------------- Llama family
-
-Q, KV, FF = 4 * 32, 2 * 32, 352  # llama-tiny: 4 query heads, 2 key/value heads of 32; MLP width
-
-
-def tiny_llama(seed: int = 0):
-    from fusedgpt.model import Llama, LlamaConfig
-
-    torch.manual_seed(seed)
-    return Llama(LlamaConfig.from_preset("llama-tiny", backend="torch", vocab_size=VOCAB, context_length=16))
-
-
-@pytest.mark.parametrize(
-    "targets, in_out",
-    [
-        (("attn", "mlp"), [(128, Q), (128, KV), (128, KV), (Q, 128), (128, FF), (128, FF), (FF, 128)]),
-        (("q_proj", "v_proj"), [(128, Q), (128, KV)]),
-        (("mlp",), [(128, FF), (128, FF), (FF, 128)]),
-    ],
-)
-def test_llama_adapters_count_rank_times_in_plus_out_and_only_they_train(targets, in_out):
-    model = tiny_llama()
-    base_total = model.num_parameters()
-    rank = 3
-    adapted = apply_lora(model, LoRAConfig(rank, 6.0, targets))
-    expected = 2 * sum(rank * (i + o) for i, o in in_out)
-    assert len(adapted) == 2 * len(in_out) and adapted[0].startswith("model.layers.0.")
-    assert parameter_counts(model) == (expected, base_total + expected)
-    assert all(("lora_" in name) == p.requires_grad for name, p in model.named_parameters())
-
-
-def test_llama_merging_keeps_the_outputs_and_leaves_a_plain_llama():
-    model = tiny_llama()
-    idx = torch.randint(0, VOCAB, (2, 11))
-    with torch.no_grad():
-        base = model(idx)
-        apply_lora(model, LoRAConfig(4, 8.0))
-        assert torch.equal(model(idx), base)  # B = 0
-        randomise_adapters(model)
-        adapted = model(idx)
-        assert not torch.allclose(adapted, base, atol=1e-3)
-        assert merge_lora(model) == 7 * 2
-        merged = model(idx)
-    assert not has_lora(model)
-    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
-    assert set(model.state_dict()) == set(tiny_llama().state_dict())
-
 
 def test_a_llama_step_changes_only_the_adapters(tmp_path):
     model = tiny_llama()
