@@ -1110,49 +1110,73 @@ def flash_attention(
 
 def aot_variants(dtype: torch.dtype, workload=None) -> list:
     """The launches a training step of ``workload`` (default gpt2) makes, recorded from the
-    launchers on meta tensors laid out as the model's (q, k, v split from one (B, T, 3C)
-    projection; o and dO (B, T, H, D)), causal, with dropout off and on: the forward, the
-    delta preprocess, the dK/dV and the dQ kernels, each autotune config the pruner keeps."""
+    launchers on meta tensors laid out as the model's (q, k, v split from one projection,
+    grouped-query where the workload has fewer key/value heads; o and dO (B, T, H, D)),
+    causal, with dropout off and on: the forward, the delta preprocess, the dK/dV and the dQ
+    kernels, each autotune config the pruner keeps. For a workload with
+    ``attention_features``, also the builds a user can launch at its shapes: a sliding
+    window, soft-capping, the B sequences packed (``cu_seqlens``), and all three at once."""
     import sys
 
     from fusedgpt.kernels import compile_report as cr
 
     workload = workload or cr.WORKLOADS["gpt2"]
     b, t, h, d = workload.batch, workload.seq, workload.heads, workload.head_dim
+    group = h // workload.key_value_heads
     item = torch.empty((), dtype=dtype).element_size()
-    q, k, v = cr.attention_inputs(workload, dtype)
-    o = cr.meta_tensor(b, t, h, d, dtype=dtype).transpose(1, 2)
-    lse = cr.meta_tensor(b, h, t, dtype=torch.float32)
-    # Per head, causal: T (T + 1) / 2 query-key pairs. Bytes each kernel must move per 1K
-    # pairs (T x D tensors of ``item`` bytes, fp32 vectors of T): forward q, k, v read, o
-    # written, logsumexp written; delta o, dO read, delta written; dK/dV q, k, v, dO, lse,
-    # delta read, dK, dV written; dQ the same reads, dQ written. Matmul flops per 1K pairs
-    # the pass needs: 2 forward (QK^T, PV), 5 backward (QK^T again, dP, dV, dK, dQ).
-    per_head = t * (t + 1) / 2 / 1024
+    # The window and cap values are runtime arguments (the window is not even specialised):
+    # any value builds the same kernel; these are Mistral's and Gemma 2's kind.
+    window, softcap = t // 2, 50.0
+    features = [dict()]
+    if workload.attention_features:
+        every = dict(window=window, softcap=softcap, packed=True)
+        features += [dict(window=window), dict(softcap=softcap), dict(packed=True), every]
+    # Bytes each kernel must move per query head (T x D tensors of ``item`` bytes, fp32
+    # vectors of T; a key/value head is shared by ``group`` query heads): forward q, k, v
+    # read, o written, logsumexp written; delta o, dO read, delta written; dK/dV q, k, v,
+    # dO, lse, delta read, dK, dV written; dQ the same reads, dQ written. Matmul flops per
+    # 1K pairs the pass needs: 2 forward (QK^T, PV), 5 backward (QK^T again, dP, dV, dK, dQ).
     tensors, vectors = t * d * item, 4 * t
-    min_bytes = {"_attn_fwd_kernel": 4 * tensors + vectors, "_attn_bwd_delta_kernel": 2 * tensors + vectors,
-                 "_attn_bwd_dkdv_kernel": 6 * tensors + 2 * vectors, "_attn_bwd_dq_kernel": 5 * tensors + 2 * vectors}
+    min_bytes = {"_attn_fwd_kernel": (2 + 2 / group) * tensors + vectors,
+                 "_attn_bwd_delta_kernel": 2 * tensors + vectors,
+                 "_attn_bwd_dkdv_kernel": (2 + 4 / group) * tensors + 2 * vectors,
+                 "_attn_bwd_dq_kernel": (3 + 2 / group) * tensors + 2 * vectors}
     mma_flops = {"fwd": 2 * 2 * d * 1024, "bwd": 5 * 2 * d * 1024}
+    shown = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HAS_DROPOUT")
+    if workload.attention_features:
+        shown += ("kv_group", "WINDOWED", "SOFTCAP", "VARLEN")
     module = sys.modules[__name__]
     found = []
-    for dropout_p in (0.0, workload.dropout_p):
-        with cr.launches(module, "_attn_fwd") as forward:
-            flash_attention_forward(q, k, v, True, d ** -0.5, dropout_p, 1234)
-        with cr.launches(module, "_attn_bwd_delta_kernel", "_attn_bwd_dkdv", "_attn_bwd_dq") as backward:
-            flash_attention_backward(o, q, k, v, o, lse, True, d ** -0.5, dropout_p, 1234)
-        for pass_, recorded in (("fwd", forward), ("bwd", backward)):
-            for launch in (x for r in recorded for x in cr.expand(r)):
-                if "BLOCK_N" in launch.args:  # the main kernels: BLOCK_M x BLOCK_N pairs per iteration
-                    per_iteration, loops = launch.args["BLOCK_M"] * launch.args["BLOCK_N"] / 1024, "alternatives"
-                    show = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HAS_DROPOUT")
-                elif dropout_p:  # the delta preprocess does not depend on dropout: listed once
-                    continue
-                else:  # the delta preprocess: BLOCK_M queries of (T + 1) / 2 keys on average
-                    per_iteration, loops = launch.args["BLOCK_M"] * (t + 1) / 2 / 1024, "sequence"
-                    show = ("BLOCK_M", "BLOCK_D")
-                name = cr.python_function(launch.kernel).__name__
-                found.append(cr.jit_variant(
-                    "attention", pass_, launch, workload=workload, show=show,
-                    work=cr.Work("1K pairs", per_iteration, min_bytes[name] / per_head, mma_flops[pass_], loops),
-                ))
+    for feature in features:
+        q, k, v = cr.attention_inputs(workload, dtype, packed=feature.get("packed", False))
+        o = cr.meta_tensor(q.shape[0], q.shape[2], h, d, dtype=dtype).transpose(1, 2)
+        lse = cr.meta_tensor(q.shape[0], h, q.shape[2], dtype=torch.float32)
+        options = dict(window=feature.get("window"), softcap=feature.get("softcap"))
+        if feature.get("packed"):
+            cu_seqlens = cr.meta_tensor(b + 1, dtype=torch.int32)
+            options.update(cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=t, max_seqlen_k=t)
+        # Per head and sequence, causal: T (T + 1) / 2 query-key pairs; within a window w
+        # (w < T): w (w + 1) / 2 for the first w queries, then w each.
+        w = feature.get("window") or t
+        per_head = (w * (w + 1) / 2 + (t - w) * w) / 1024
+        for dropout_p in (0.0, workload.dropout_p):
+            with cr.launches(module, "_attn_fwd") as forward:
+                flash_attention_forward(q, k, v, True, d ** -0.5, dropout_p, 1234, **options)
+            with cr.launches(module, "_attn_bwd_delta_kernel", "_attn_bwd_dkdv", "_attn_bwd_dq") as backward:
+                flash_attention_backward(o, q, k, v, o, lse, True, d ** -0.5, dropout_p, 1234, **options)
+            for pass_, recorded in (("fwd", forward), ("bwd", backward)):
+                for launch in (x for r in recorded for x in cr.expand(r)):
+                    if "BLOCK_N" in launch.args:  # the main kernels: BLOCK_M x BLOCK_N pairs per iteration
+                        per_iteration, loops = launch.args["BLOCK_M"] * launch.args["BLOCK_N"] / 1024, "alternatives"
+                        show = shown
+                    elif dropout_p or feature:  # the delta preprocess depends on neither: listed once
+                        continue
+                    else:  # the delta preprocess: BLOCK_M queries of pairs / T keys on average
+                        per_iteration, loops = launch.args["BLOCK_M"] * per_head / t, "sequence"
+                        show = ("BLOCK_M", "BLOCK_D")
+                    name = cr.python_function(launch.kernel).__name__
+                    found.append(cr.jit_variant(
+                        "attention", pass_, launch, workload=workload, show=show,
+                        work=cr.Work("1K pairs", per_iteration, min_bytes[name] / per_head, mma_flops[pass_], loops),
+                    ))
     return found

@@ -113,8 +113,10 @@ MODEL = {
 @dataclasses.dataclass(frozen=True)
 class Workload:
     """The shapes a training step launches kernels with: batch x sequence tokens, attention
-    heads of ``head_dim``, ``channels`` features, a ``vocab``-way head whose logits rows are
-    ``logits_row_stride`` apart."""
+    heads of ``head_dim`` (queries; ``kv_heads`` key/value heads, 0 = as many as ``heads``),
+    ``channels`` features, a ``vocab``-way head whose logits rows are ``logits_row_stride``
+    apart. ``attention_features``: attention's window, soft-cap and packed-sequence builds a
+    user can launch at these shapes are listed as well (the model itself runs none of them)."""
 
     name: str
     batch: int
@@ -125,10 +127,16 @@ class Workload:
     vocab: int
     logits_row_stride: int
     dropout_p: float = 0.1
+    kv_heads: int = 0
+    attention_features: bool = False
 
     @property
     def tokens(self) -> int:
         return self.batch * self.seq
+
+    @property
+    def key_value_heads(self) -> int:
+        return self.kv_heads or self.heads
 
 
 # GPT-2 training (B=8, T=1024). The linear cross-entropy computes the logits of a chunk of
@@ -137,6 +145,10 @@ WORKLOADS = {
     "gpt2": Workload("gpt2", 8, 1024, 12, 64, 768, 50257, 50257),
     "gpt2-xl": Workload("gpt2-xl", 8, 1024, 25, 64, 1600, 50257, 50257),
     "d128": Workload("d128", 8, 1024, 6, 128, 768, 50257, 50257),
+    # Llama 3.2 1B fine-tuning (B=4, T=2048): 32 query heads share 8 key/value heads; its
+    # MLP is 8192 = 4C wide, as the SwiGLU build assumes; logits rows 128256 apart.
+    "llama3.2-1b": Workload("llama3.2-1b", 4, 2048, 32, 64, 2048, 128256, 128256, kv_heads=8,
+                            attention_features=True),
 }
 
 
@@ -154,13 +166,18 @@ def meta_tensor(*shape: int, dtype: torch.dtype, strides: Optional[Sequence[int]
     return torch.empty_strided(shape, tuple(strides), dtype=dtype, device="meta")
 
 
-def attention_inputs(workload: Workload, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v (B, H, T, D) laid out as the model makes them: split from one (B, T, 3C)
-    projection and viewed per head (rows 3C apart)."""
-    b, t, h, d = workload.batch, workload.seq, workload.heads, workload.head_dim
-    qkv = meta_tensor(b, t, 3 * h * d, dtype=dtype)
-    q, k, v = (x.view(b, t, h, d).transpose(1, 2) for x in qkv.split(h * d, dim=2))
-    return q, k, v
+def attention_inputs(workload: Workload, dtype: torch.dtype, packed: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (B, H, T, D), k and v (B, H_kv, T, D) laid out as the model makes them: split from
+    one (B, T, (H + 2 H_kv) D) projection and viewed per head (rows (H + 2 H_kv) D apart).
+    ``packed``: the B sequences packed into one row, (1, H, B T, D) etc., as
+    ``cu_seqlens`` launches take them."""
+    b, t, h, h_kv, d = workload.batch, workload.seq, workload.heads, workload.key_value_heads, workload.head_dim
+    if packed:
+        b, t = 1, b * t
+    qkv = meta_tensor(b, t, (h + 2 * h_kv) * d, dtype=dtype)
+    q, k, v = qkv.split((h * d, h_kv * d, h_kv * d), dim=2)
+    return tuple(x.view(b, t, x.shape[2] // d, d).transpose(1, 2) for x in (q, k, v))
 
 
 # --------------------------------------------------------------------------- variants

@@ -90,6 +90,49 @@ def test_attention_lists_the_dropout_off_builds_that_training_runs():
     assert fwd.args["stride_qt"] == 3 * 768 and fwd.args["Tq"] == 1024 and fwd.args["D"] == 64
 
 
+LLAMA_COMPILE_CHECK = """
+import importlib, json, torch
+from fusedgpt.kernels import compile_report as report
+attention = importlib.import_module("fusedgpt.kernels.attention")
+variant = next(v for v in attention.aot_variants(torch.bfloat16, report.WORKLOADS["llama3.2-1b"])
+               if v.kernel.__name__ == "_attn_fwd_kernel" and v.config["BLOCK_M"] == 64
+               and all(v.config[flag] for flag in FLAGS) and not v.config["HAS_DROPOUT"])
+print(json.dumps(report.compile_variant(variant, "sm_90")))
+"""
+
+
+def test_llama_workload_lists_grouped_query_window_softcap_and_packed_builds():
+    attention = importlib.import_module("fusedgpt.kernels.attention")
+    llama = report.workload("llama3.2-1b")
+    variants = attention.aot_variants(torch.bfloat16, llama)
+    main = [v for v in variants if "BLOCK_N" in v.config]
+    flags = ("WINDOWED", "SOFTCAP", "VARLEN")
+    # Every main kernel, dropout off and on, plain and with each feature alone and all at once,
+    # and every build grouped-query: 32 query heads read 8 key/value heads.
+    combos = [(False,) * 3, (True, False, False), (False, True, False), (False, False, True), (True,) * 3]
+    expected = {(kernel, dropout, combo) for kernel in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
+                for dropout in (False, True) for combo in combos}
+    assert {(v.kernel.__name__, v.config["HAS_DROPOUT"], tuple(v.config[f] for f in flags)) for v in main} == expected
+    assert all(v.args["kv_group"] == 4 and v.args["H"] == 32 and v.args["D"] == 64 for v in main)
+    dense = next(v for v in main if v.kernel.__name__ == "_attn_fwd_kernel" and not v.config["VARLEN"])
+    packed = next(v for v in main if v.kernel.__name__ == "_attn_fwd_kernel" and v.config["VARLEN"])
+    # q, k, v split from one (B, T, (32 + 2 x 8) x 64) projection; packed: the 4 sequences of
+    # 2048 tokens in one row, offsets in cu_seqlens, blocks sized for the 2048-token longest.
+    assert dense.args["stride_qt"] == dense.args["stride_kt"] == 48 * 64 and dense.args["Tq"] == 2048
+    assert packed.args["Tq"] == 4 * 2048 and tuple(packed.args["CU_SEQLENS_Q"].shape) == (5,)
+    assert packed.args["q_bucket"] == 2048
+    # One build compiled: the small forward with every feature on, on sm_90, where it is
+    # still built on wgmma (in a child process: the compile needs the real JIT kernels, not
+    # the interpreter's).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = LLAMA_COMPILE_CHECK.replace("FLAGS", repr(flags))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads(result.stdout)
+    assert report.problems([row]) == [], row
+    assert row["spill_bytes"] == 0 and 0 < row["registers"] <= 255 and row["hgmma"] > 0
+
+
 SPECIALISATION_CHECK = """
 import importlib, json, torch
 from fusedgpt.kernels import compile_report as report
