@@ -443,7 +443,7 @@ def test_autotune_pruning_by_shape(dtype):
         prune = attention_module._prune(kind)
         for block_d in attention_module.HEAD_DIM_BLOCKS:
             for dropout in (False, True):
-                meta = dict(BLOCK_D=block_d, HAS_DROPOUT=dropout)
+                meta = dict(BLOCK_D=block_d, HAS_DROPOUT=dropout, WINDOWED=False, SOFTCAP=False, VARLEN=False)
                 pool = attention_module.gpu_configs(kind, dtype, block_d, dropout)
                 small = prune(pool, dict(Q=q, q_bucket=1, k_bucket=1), **meta)
                 assert len(small) == 1 and small[0] in pool
@@ -451,6 +451,27 @@ def test_autotune_pruning_by_shape(dtype):
                 assert prune(pool, dict(Q=q, q_bucket=8192, k_bucket=8192), **meta) == pool
                 decode = prune(pool, dict(Q=q, q_bucket=1, k_bucket=8192), **meta)
                 assert all(c.kwargs["BLOCK_M"] == small[0].kwargs["BLOCK_M"] for c in decode)
+
+
+@pytest.mark.parametrize("feature", ["WINDOWED", "SOFTCAP", "VARLEN"])
+def test_feature_builds_get_the_small_config_single_stage(feature):
+    # Window, soft-cap and packed builds spilled on sm_80 with the tuned lists: each gets
+    # its list's small tiles, single-stage (fp32 lists are single-stage small tiles already).
+    for dtype in (F16, torch.bfloat16, F32):
+        q = torch.empty(0, dtype=dtype)
+        for kind in ("fwd", "dkdv", "dq"):
+            for block_d in attention_module.HEAD_DIM_BLOCKS:
+                for dropout in (False, True):
+                    tuned = attention_module.gpu_configs(kind, dtype, block_d, dropout)
+                    meta = dict(BLOCK_D=block_d, HAS_DROPOUT=dropout, WINDOWED=False, SOFTCAP=False, VARLEN=False)
+                    meta[feature] = True
+                    kept = attention_module._prune(kind)(tuned, dict(Q=q, q_bucket=8192, k_bucket=8192), **meta)
+                    if dtype == F32:
+                        assert kept == tuned
+                        continue
+                    [config] = kept
+                    assert config.kwargs == tuned[0].kwargs and config.num_warps == tuned[0].num_warps
+                    assert config.num_stages == 1
 
 
 def test_head_dim_blocks():
