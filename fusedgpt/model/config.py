@@ -12,8 +12,39 @@ from fusedgpt.kernels.backend import BACKENDS
 LEGACY_BACKEND_KEY = "kernels"
 
 
+class ConfigDict:
+    """What the model configs share: presets, and a dict form for checkpoints and
+    ``config.json``. A subclass is a dataclass and names its preset table in ``presets()``."""
+
+    @classmethod
+    def presets(cls) -> dict[str, dict[str, Any]]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any):
+        """A preset with some fields replaced, e.g. ``GPTConfig.from_preset("small", vocab_size=4096)``."""
+        presets = cls.presets()
+        if name not in presets:
+            raise ValueError(f"{cls.__name__}: unknown preset {name!r}; presets: {', '.join(presets)}")
+        return cls.from_dict({**presets[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        """The inverse of :meth:`to_dict`; unknown keys are an error, missing ones take
+        defaults, and a ``kernels`` key (older checkpoints) is read as ``backend``."""
+        values = rename_legacy_backend(values)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown fields {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
 @dataclasses.dataclass
-class GPTConfig:
+class GPTConfig(ConfigDict):
     """Hyperparameters of a GPT-2-family model (defaults: GPT-2 124M).
 
     Attributes:
@@ -67,27 +98,8 @@ class GPTConfig:
         return -(-self.vocab_size // multiple) * multiple
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "GPTConfig":
-        """A preset (see ``PRESETS``) with some fields replaced, e.g.
-        ``GPTConfig.from_preset("small", vocab_size=4096)``."""
-        if name not in PRESETS:
-            raise ValueError(f"GPTConfig: unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "GPTConfig":
-        """The inverse of :meth:`to_dict`; unknown keys are an error, missing ones take
-        defaults, and a ``kernels`` key (older checkpoints) is read as ``backend``."""
-        values = rename_legacy_backend(values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"GPTConfig: unknown fields {unknown}; known: {sorted(known)}")
-        return cls(**values)
-
+    def presets(cls) -> dict[str, dict[str, Any]]:
+        return PRESETS
 
 def rename_legacy_backend(values: dict[str, Any]) -> dict[str, Any]:
     """``values`` with an older ``kernels`` key renamed ``backend`` (a ``backend`` key, when
@@ -116,7 +128,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclasses.dataclass
-class LlamaConfig:
+class LlamaConfig(ConfigDict):
     """Hyperparameters of a Llama-family model: Llama 3 and Qwen3 (defaults: ``llama-tiny``).
 
     Attributes:
@@ -185,24 +197,8 @@ class LlamaConfig:
         return self.vocab_size
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "LlamaConfig":
-        """A preset (see ``LLAMA_PRESETS``) with some fields replaced."""
-        if name not in LLAMA_PRESETS:
-            raise ValueError(f"LlamaConfig: unknown preset {name!r}; presets: {', '.join(LLAMA_PRESETS)}")
-        return cls.from_dict({**LLAMA_PRESETS[name], **overrides})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "LlamaConfig":
-        """The inverse of :meth:`to_dict`; unknown keys are an error, missing ones take defaults."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"LlamaConfig: unknown fields {unknown}; known: {sorted(known)}")
-        return cls(**values)
-
+    def presets(cls) -> dict[str, dict[str, Any]]:
+        return LLAMA_PRESETS
 
 def _llama3_scaling(factor: float) -> dict[str, Any]:
     return dict(rope_type="llama3", factor=factor, low_freq_factor=1.0, high_freq_factor=4.0,

@@ -43,13 +43,21 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float, backe
 def language_model_loss(hidden: Tensor, head_weight: Tensor, targets: Tensor, *, backend: str) -> Tensor:
     """Mean cross-entropy of ``hidden @ head_weight.T`` (never built in full) against
     ``targets``; hidden (N, C), head_weight (V, C), targets (N,) int64, -100 = ignored."""
-    device = hidden.device.type
-    if torch.is_autocast_enabled(device):
+    dtype = matmul_dtype(hidden)
+    if dtype is not None:
         # The head matmul in the autocast dtype, as autocast would run an nn.Linear; the op
         # itself needs hidden and weight in one dtype.
-        dtype = torch.get_autocast_dtype(device)
         hidden, head_weight = hidden.to(dtype), head_weight.to(dtype)
     return linear_cross_entropy(hidden, head_weight, targets, ignore_index=-100, backend=backend)
+
+
+def matmul_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype the next matmul takes under autocast (None outside it). Under autocast the
+    residual stream stays fp32 and a branch comes out in the autocast dtype; the norms add
+    them in fp32, keep the sum fp32 and write their output directly in this dtype, so
+    nothing is cast around them."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 class LayerNorm(nn.Module):
@@ -64,11 +72,7 @@ class LayerNorm(nn.Module):
         self.backend = backend
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        # Under autocast the stream stays fp32 and a branch comes out in the autocast dtype;
-        # the op adds them in fp32, keeps the sum fp32 and writes the normalised output
-        # directly in the dtype the next matmul takes, so nothing is cast around it.
-        device = x.device.type
-        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        out_dtype = matmul_dtype(x)
         if residual is None:
             return layer_norm(x, self.weight, self.bias, out_dtype=out_dtype, backend=self.backend), x
         return add_layer_norm(x, residual, self.weight, self.bias, out_dtype=out_dtype, backend=self.backend)

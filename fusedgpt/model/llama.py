@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from fusedgpt.kernels import add_rms_norm, apply_rotary, flash_attention, rms_norm, rotary_cache, swiglu
 from fusedgpt.model.config import LlamaConfig
-from fusedgpt.model.gpt import GPT, KVCache, PackedSequences, language_model_loss
+from fusedgpt.model.gpt import GPT, KVCache, PackedSequences, language_model_loss, matmul_dtype
 
 Tensor = torch.Tensor
 
@@ -43,8 +43,7 @@ class RMSNorm(nn.Module):
         self.backend = backend
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        device = x.device.type
-        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        out_dtype = matmul_dtype(x)
         if residual is None:
             return rms_norm(x, self.weight, self.eps, out_dtype=out_dtype, backend=self.backend), x
         return add_rms_norm(x, residual, self.weight, self.eps, out_dtype=out_dtype, backend=self.backend)
