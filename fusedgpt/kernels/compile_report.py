@@ -294,6 +294,8 @@ def expand(launch: Launch) -> list[Launch]:
         found = []
         for config in configs:
             options = dict(launch.options, num_warps=config.num_warps, num_stages=config.num_stages)
+            if config.maxnreg is not None:
+                options["maxnreg"] = config.maxnreg
             found += expand(Launch(kernel.fn, {**launch.args, **config.kwargs}, options))
         return found
     if hasattr(kernel, "fn") and not inspect.isfunction(kernel.fn):
