@@ -46,8 +46,14 @@ recomputed from Q, K and the saved L (``P = exp2(S log2 e - L log2 e)``), never 
 One kernel owns a key block of a key/value head and loops over the query heads of its
 group and, for each, the query blocks that see the key block (``_query_range``),
 accumulating dK and dV in registers: the group's sum is formed in a fixed order, with no
-atomics and no per-query-head copy. A second kernel owns a query block and loops over the
-key blocks it sees, accumulating dQ. Both are deterministic and skip hidden blocks.
+atomics and no per-query-head copy. Each of the five products is computed once: the
+kernel also forms this key block's share of dQ (dS^T's transpose times K) and adds it with
+atomics into an fp32 accumulator that the preprocess zeroed; a last small kernel scales
+it into dQ. Atomics make dQ's summation order, and so its last bits, vary from run to run.
+Under ``torch.use_deterministic_algorithms(True)`` the backward instead runs the dK/dV
+kernel without dQ and a second kernel that owns a query block and loops over the key blocks
+it sees, recomputing S and dP to accumulate dQ in registers (seven products, a fixed order,
+bitwise reproducible). Every kernel skips hidden blocks.
 
 Dropout draws Philox random numbers (the generator behind ``tl.rand``) keyed by ``seed``
 with the counter (key j, query i, batch*H + head, 0) — positions along the packed rows for
@@ -65,15 +71,18 @@ always fp32.
 Saved for backward: q, k, v, o and L (B*H*Tq floats) — nothing with Tq x Tk elements — and
 the cu_seqlens offsets when given.
 IO per (batch, head): the forward reads Q once and K, V once per query block, and writes O
-and L. The backward reads O and dO once (delta); the dK/dV kernel reads K, V once and Q,
-dO once per key block and query head of the group; the dQ kernel reads Q, dO once and K,
-V once per query block.
+and L. The backward reads O and dO once (delta, zeroing the T x D fp32 dQ accumulator);
+the dK/dV kernel reads K, V once and Q, dO once per key block and query head of the group,
+and adds into the accumulator once per key block; dQ's scaling reads the accumulator and
+writes dQ. The deterministic backward's dQ kernel instead reads Q, dO once and K, V once
+per query block.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -368,10 +377,10 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    O, DO, DELTA,
+    O, DO, DELTA, DQ_ACC,
     stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot,
     H, Tq, D,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ZERO_DQ_ACC: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1)
@@ -382,21 +391,45 @@ def _attn_bwd_delta_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     o = _load_rows(O, start_m, stride_ot, Tq, offs_d, D, BLOCK_M).to(tl.float32)
     do = _load_rows(DO, start_m, stride_dot, Tq, offs_d, D, BLOCK_M).to(tl.float32)
-    tl.store(DELTA + (b * H + h).to(tl.int64) * Tq + offs_m, tl.sum(o * do, 1), mask=offs_m < Tq)
+    row = (b * H + h).to(tl.int64) * Tq + offs_m
+    tl.store(DELTA + row, tl.sum(o * do, 1), mask=offs_m < Tq)
+    if ZERO_DQ_ACC:  # the accumulator the fused backward adds dQ into: (B, H, Tq, BLOCK_D) fp32
+        zero = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        tl.store(DQ_ACC + row[:, None] * BLOCK_D + offs_d[None, :], zero, mask=offs_m[:, None] < Tq)
+
+
+@triton.jit
+def _attn_bwd_dq_out_kernel(
+    DQ, DQ_ACC, stride_dqb, stride_dqh, stride_dqt, H, Tq, D, softmax_scale,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dQ = c * the accumulator, in dQ's dtype and layout."""
+    start_m = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    DQ = _rows(DQ, b, h, 0, stride_dqb, stride_dqh, stride_dqt)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row = (b * H + h).to(tl.int64) * Tq + offs_m
+    dq = tl.load(DQ_ACC + row[:, None] * BLOCK_D + offs_d[None, :], mask=offs_m[:, None] < Tq, other=0.0)
+    _store_rows(DQ, start_m, stride_dqt, Tq, offs_d, D, dq * softmax_scale, BLOCK_M)
 
 
 @triton.jit
 def _bwd_query_blocks(
-    dk, dv, k, v, Q, DO, LSE, DELTA, stride_qh, stride_qt, stride_doh, stride_dot, offs_n, offs_d, start, end,
-    kv_group, Tq, seqlen_q, seqlen_k, q_start, k_start, D, qk_scale, qk_softcap, window, dropout_p, seed, bh,
-    BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, stride_qh, stride_qt, stride_doh, stride_dot, offs_n, offs_d,
+    start, end, kv_group, Tq, seqlen_q, seqlen_k, q_start, k_start, D, qk_scale, qk_softcap, window, dropout_p,
+    seed, bh, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, ACCUMULATE_DQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """dK, dV of one key block from query blocks start .. end of each of the ``kv_group``
     query heads from the one at Q, DO, LSE, DELTA (batch*head ``bh``) on, in a fixed
-    order. One flat loop over (head, block) rather than a loop over heads around the loop
-    over blocks: the nested form holds more registers. Tiles are transposed (key, query),
-    so that every product has the key block as its M dimension."""
+    order; with ``ACCUMULATE_DQ``, also this key block's share of dQ / c, added into the
+    fp32 rows at DQ_ACC (BLOCK_D wide, Tq rows a head). One flat loop over (head, block)
+    rather than a loop over heads around the loop over blocks: the nested form holds more
+    registers. Tiles are transposed (key, query), so that every product but dQ's has the
+    key block as its M dimension."""
     blocks = tl.maximum(tl.cdiv(end - start, BLOCK_M), 0)
     g = 0  # the g-th query head of the group
     start_m = start
@@ -427,6 +460,12 @@ def _bwd_query_blocks(
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         ds_t = _through_softcap(p_t * (dp_t - delta[None, :]), s_t, qk_softcap, SOFTCAP)
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        if ACCUMULATE_DQ:
+            # Relaxed: only the sum matters, and the kernel's end orders it before dQ's read.
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION)
+            rows = tl.cast(g, tl.int64) * Tq + offs_m
+            tl.atomic_add(DQ_ACC + rows[:, None] * BLOCK_D + offs_d[None, :], dq,
+                          mask=offs_m[:, None] < seqlen_q, sem="relaxed")
         # The next block, or the first block of the next head (no division in the loop).
         start_m += BLOCK_M
         next_head = start_m >= end
@@ -437,14 +476,14 @@ def _bwd_query_blocks(
 
 @triton.jit(do_not_specialize=["seed", "window", "q_bucket", "k_bucket"])
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, CU_SEQLENS_Q, CU_SEQLENS_K,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
     H, kv_group, Tq, Tk, D, qk_scale, qk_softcap, softmax_scale, window, dropout_p, seed, q_bucket, k_bucket,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, ACCUMULATE_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # One program per key block of one key/value head (program_id(1)).
     start_n = tl.program_id(0) * BLOCK_N
@@ -473,22 +512,23 @@ def _attn_bwd_dkdv_kernel(
     DO = _rows(DO, batch, h, q_start, stride_dob, stride_doh, stride_dot)
     LSE += tl.cast(bh, tl.int64) * Tq + q_start
     DELTA += tl.cast(bh, tl.int64) * Tq + q_start
+    DQ_ACC += (tl.cast(bh, tl.int64) * Tq + q_start) * BLOCK_D
     if CAUSAL:
         dk, dv = _bwd_query_blocks(
-            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qh, stride_qt, stride_doh, stride_dot, offs_n, offs_d, lo, a,
+            dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, stride_qh, stride_qt, stride_doh, stride_dot, offs_n, offs_d, lo, a,
             kv_group, Tq, seqlen_q, seqlen_k, q_start, k_start, D, qk_scale, qk_softcap, window, dropout_p, seed, bh,
-            BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, HAS_DROPOUT, True, DOT_PRECISION,
+            BLOCK_M, BLOCK_D, CAUSAL, WINDOWED, SOFTCAP, HAS_DROPOUT, True, ACCUMULATE_DQ, DOT_PRECISION,
         )
     dk, dv = _bwd_query_blocks(
-        dk, dv, k, v, Q, DO, LSE, DELTA, stride_qh, stride_qt, stride_doh, stride_dot, offs_n, offs_d, a, b,
+        dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, stride_qh, stride_qt, stride_doh, stride_dot, offs_n, offs_d, a, b,
         kv_group, Tq, seqlen_q, seqlen_k, q_start, k_start, D, qk_scale, qk_softcap, window, dropout_p, seed, bh,
-        BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, HAS_DROPOUT, False, DOT_PRECISION,
+        BLOCK_M, BLOCK_D, CAUSAL, WINDOWED, SOFTCAP, HAS_DROPOUT, False, ACCUMULATE_DQ, DOT_PRECISION,
     )
     if WINDOWED:
         dk, dv = _bwd_query_blocks(
-            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qh, stride_qt, stride_doh, stride_dot, offs_n, offs_d, b, hi,
+            dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, stride_qh, stride_qt, stride_doh, stride_dot, offs_n, offs_d, b, hi,
             kv_group, Tq, seqlen_q, seqlen_k, q_start, k_start, D, qk_scale, qk_softcap, window, dropout_p, seed, bh,
-            BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, HAS_DROPOUT, True, DOT_PRECISION,
+            BLOCK_M, BLOCK_D, CAUSAL, WINDOWED, SOFTCAP, HAS_DROPOUT, True, ACCUMULATE_DQ, DOT_PRECISION,
         )
     _store_rows(DK, start_n, stride_dkt, seqlen_k, offs_d, D, dk * softmax_scale, BLOCK_N)
     _store_rows(DV, start_n, stride_dvt, seqlen_k, offs_d, D, dv, BLOCK_N)
@@ -597,7 +637,8 @@ def _config(block_m: int, block_n: int, num_warps: int, num_stages: int, maxnreg
 
 # BLOCK_M is always the query block and BLOCK_N the key block. The forward and dQ kernels
 # own a query block and loop over key blocks; the dK/dV kernel owns a key block and loops
-# over query blocks. In every config the owned block is at least as large as the looped
+# over query blocks, with its own lists for the fused backward ("bwd", which also forms dQ)
+# and the deterministic one ("dkdv"). In every config the owned block is at least as large as the looped
 # one, so a program crosses the causal diagonal in at most two masked tiles; the kernels'
 # bounds are exact for any pair of blocks, so causal needs no further pruning.
 #
@@ -613,19 +654,27 @@ def _config(block_m: int, block_n: int, num_warps: int, num_stages: int, maxnreg
 # config where it wins at every length or registers leave room for no other. At D=128,
 # 8 warps over a 64-key dK/dV block leave two warp groups computing the same S^T and dP^T;
 # 128 keys (16 rows per warp) split them, at 16 queries a step to stay within registers.
+# The fused backward holds dQ's product too: 32 x 64 with 4 warps (both architectures, no
+# duplicated product) and 32 x 128 with 8 (sm_90) at D=64; at D=128, 16 x 64 with 4 warps,
+# single-stage, ties the best build without a spill on each architecture (on sm_80 its
+# warps still compute some products twice; 64 x 64 would not, but spills on sm_90, and the
+# lists serve both).
 _D64_DROPOUT = {
     "fwd": [_config(64, 32, 4, 2), _config(128, 64, 8, 3)],
+    "bwd": [_config(32, 64, 4, 2), _config(32, 128, 8, 2)],
     "dkdv": [_config(32, 64, 4, 3), _config(32, 128, 8, 3)],
     "dq": [_config(64, 32, 4, 3), _config(128, 64, 8, 2)],
 }
 _D128_DROPOUT = {
     "fwd": [_config(64, 32, 4, 3), _config(128, 64, 8, 3)],
+    "bwd": [_config(16, 64, 4, 1)],
     "dkdv": [_config(16, 128, 8, 2)],
     "dq": [_config(64, 32, 4, 3)],
 }
 HALF_CONFIGS = {  # (head-dim block, dropout) -> kind -> configs
     (64, True): _D64_DROPOUT,
     (64, False): {**_D64_DROPOUT, "fwd": [_config(64, 32, 4, 2), _config(128, 128, 8, 3)],
+                  "bwd": [_config(32, 64, 4, 3), _config(32, 128, 8, 2)],
                   "dkdv": [_config(32, 64, 4, 3), _config(32, 128, 8, 2)]},
     (128, True): _D128_DROPOUT,
     # One dQ config: 128x32 w8 costs fewer instructions per pair than 64x32 w4 at any
@@ -642,6 +691,7 @@ HALF_CONFIGS = {  # (head-dim block, dropout) -> kind -> configs
 # stays under with 0 spills; dK/dV takes 8 warps, with which no build needs more than 164.
 FP32_CONFIGS = {
     "fwd": [_config(32, 32, 8, 1, maxnreg=255)],
+    "bwd": [_config(16, 32, 8, 1, maxnreg=255)],
     "dkdv": [_config(16, 32, 8, 1, maxnreg=255)],
     "dq": [_config(32, 16, 4, 2)],
 }
@@ -650,6 +700,7 @@ FP32_CONFIGS = {
 # the diagonal bookkeeping is exercised with unequal blocks.
 INTERPRETER_CONFIGS = {
     "fwd": [_config(32, 16, 4, 1)],
+    "bwd": [_config(16, 32, 4, 1)],
     "dkdv": [_config(16, 32, 4, 1)],
     "dq": [_config(32, 16, 4, 1)],
 }
@@ -714,6 +765,7 @@ def _autotuned(kind: str, kernel):
 
 _attn_fwd = _autotuned("fwd", _attn_fwd_kernel)
 _attn_bwd_dkdv = _autotuned("dkdv", _attn_bwd_dkdv_kernel)
+_attn_bwd_fused = _autotuned("bwd", _attn_bwd_dkdv_kernel)
 _attn_bwd_dq = _autotuned("dq", _attn_bwd_dq_kernel)
 
 
@@ -794,6 +846,24 @@ def flash_attention_forward(
     return o, lse
 
 
+def fused_backward_pays(capability_major: Optional[int], block_d: int, max_seqlen_k: int) -> bool:
+    """Whether the fused backward (five products, an fp32 dQ accumulator added with atomics)
+    is modelled cheaper than the recompute backward (seven products, no accumulator) on a
+    GPU of compute capability ``capability_major`` (None: not a GPU — the interpreter, which
+    runs the fused one) for head-dim block ``block_d`` and keys per sequence
+    ``max_seqlen_k``. The fused one saves two products per (query, key) pair and moves the
+    accumulator (zeroed, added into, read back: about 16 bytes per query-row element)
+    instead of the dQ kernel's reads; the saving grows with the keys a row sees. The rule is
+    the static cost model's verdict (``python -m bench.static --op attention``, gpt2, d128
+    and llama3.2-1b workloads): fused on sm_80 at D <= 64, and from 2048 keys on; at 1024
+    keys the recompute backward is modelled cheaper on sm_90 (HBM-bound accumulator traffic
+    against H100's faster tensor cores) and at D = 128 (whose fused build cannot split its
+    products between warps on sm_80 without spilling on sm_90). A model, not a timing."""
+    if capability_major is None:
+        return True
+    return max_seqlen_k >= 2048 or (capability_major < 9 and block_d <= HEAD_DIM_BLOCKS[0])
+
+
 def flash_attention_backward(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
     causal: bool, softmax_scale: float, dropout_p: float, seed: int,
@@ -801,7 +871,13 @@ def flash_attention_backward(
     cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
     max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch the backward: ``delta`` preprocess, then the dK/dV and the dQ kernels.
+    """Launch the backward. Fused (where :func:`fused_backward_pays`): the ``delta``
+    preprocess (which also zeroes an fp32 dQ accumulator), one kernel that computes dK, dV
+    and adds each key block's share of dQ into the accumulator with atomics (the five
+    products of the backward, each once), and dQ's scaling into q's dtype. Otherwise, and
+    always under ``torch.use_deterministic_algorithms(True)``, recompute: the preprocess,
+    then a dK/dV kernel and a dQ kernel that recomputes S and dP (seven products), which
+    sum in a fixed order.
 
     Takes the forward's inputs and options, its ``o`` and ``lse``, and ``do`` like ``o``
     (any strides). Returns ``dq``, ``dk``, ``dv`` like q, k, v, in their dtype.
@@ -812,21 +888,33 @@ def flash_attention_backward(
     if q.numel() == 0:
         return dq, dk, dv
     run = _Launch(q, k, causal, dropout_p, window, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    block_d = run.meta["BLOCK_D"]
+    capability = torch.cuda.get_device_capability(q.device)[0] if q.device.type == "cuda" else None
+    fused = not torch.are_deterministic_algorithms_enabled() and fused_backward_pays(capability, block_d, run.max_k)
     delta = torch.empty(b, h, tq, dtype=torch.float32, device=q.device)
-    _attn_bwd_delta_kernel[(triton.cdiv(tq, DELTA_BLOCK_M), h, b)](
-        o, do, delta, *_bht_strides(o, do), h, tq, d,
-        BLOCK_M=DELTA_BLOCK_M, BLOCK_D=run.meta["BLOCK_D"], num_warps=4,
+    dq_acc = torch.empty(b, h, tq, block_d, dtype=torch.float32, device=q.device) if fused else delta
+    rows = (triton.cdiv(tq, DELTA_BLOCK_M), h, b)
+    _attn_bwd_delta_kernel[rows](
+        o, do, delta, dq_acc, *_bht_strides(o, do), h, tq, d,
+        BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d, ZERO_DQ_ACC=fused, num_warps=4,
     )
     scalars = (
         h, run.kv_group, run.total_q, run.total_k, d, softmax_scale * LOG2_E, run.qk_softcap, softmax_scale,
         run.window, dropout_p, seed, *_buckets(run.max_q, run.max_k),
     )
-    _attn_bwd_dkdv[run.grid("BLOCK_N", run.max_k, k.shape[1])](
-        q, k, v, do, lse, delta, dk, dv, *run.cu_seqlens, *_bht_strides(q, k, v, do, dk, dv), *scalars, **run.meta,
+    dkdv = _attn_bwd_fused if fused else _attn_bwd_dkdv
+    dkdv[run.grid("BLOCK_N", run.max_k, k.shape[1])](
+        q, k, v, do, lse, delta, dk, dv, dq_acc, *run.cu_seqlens, *_bht_strides(q, k, v, do, dk, dv), *scalars,
+        ACCUMULATE_DQ=fused, **run.meta,
     )
-    _attn_bwd_dq[run.grid("BLOCK_M", run.max_q, h)](
-        q, k, v, do, lse, delta, dq, *run.cu_seqlens, *_bht_strides(q, k, v, do, dq), *scalars, **run.meta,
-    )
+    if fused:
+        _attn_bwd_dq_out_kernel[rows](
+            dq, dq_acc, *dq.stride()[:3], h, tq, d, softmax_scale, BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d, num_warps=4,
+        )
+    else:
+        _attn_bwd_dq[run.grid("BLOCK_M", run.max_q, h)](
+            q, k, v, do, lse, delta, dq, *run.cu_seqlens, *_bht_strides(q, k, v, do, dq), *scalars, **run.meta,
+        )
     return dq, dk, dv
 
 
@@ -1125,12 +1213,25 @@ def flash_attention(
 # --------------------------------------------------------------------------- compile report
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(on)`` inside the block, the previous setting after
+    (which backward the launcher takes)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def aot_variants(dtype: torch.dtype, workload=None) -> list:
     """The launches a training step of ``workload`` (default gpt2) makes, recorded from the
     launchers on meta tensors laid out as the model's (q, k, v split from one projection,
     grouped-query where the workload has fewer key/value heads; o and dO (B, T, H, D)),
-    causal, with dropout off and on: the forward, the delta preprocess, the dK/dV and the dQ
-    kernels, each autotune config the pruner keeps. For a workload with
+    causal, with dropout off and on: the forward; the fused backward (pass "bwd-fused":
+    the delta preprocess, the dK/dV/dQ kernel, dQ's scaling) and the recompute backward
+    (pass "bwd-recompute": delta, dK/dV, dQ); each autotune config the pruner keeps. For a workload with
     ``attention_features``, also the builds a user can launch at its shapes: a sliding
     window, soft-capping, the B sequences packed (``cu_seqlens``), and all three at once."""
     import sys
@@ -1149,16 +1250,22 @@ def aot_variants(dtype: torch.dtype, workload=None) -> list:
         every = dict(window=window, softcap=softcap, packed=True)
         features += [dict(window=window), dict(softcap=softcap), dict(packed=True), every]
     # Bytes each kernel must move per query head (T x D tensors of ``item`` bytes, fp32
-    # vectors of T; a key/value head is shared by ``group`` query heads): forward q, k, v
-    # read, o written, logsumexp written; delta o, dO read, delta written; dK/dV q, k, v,
-    # dO, lse, delta read, dK, dV written; dQ the same reads, dQ written. Matmul flops per
-    # 1K pairs the pass needs: 2 forward (QK^T, PV), 5 backward (QK^T again, dP, dV, dK, dQ).
-    tensors, vectors = t * d * item, 4 * t
-    min_bytes = {"_attn_fwd_kernel": (2 + 2 / group) * tensors + vectors,
-                 "_attn_bwd_delta_kernel": 2 * tensors + vectors,
-                 "_attn_bwd_dkdv_kernel": (2 + 4 / group) * tensors + 2 * vectors,
-                 "_attn_bwd_dq_kernel": (3 + 2 / group) * tensors + 2 * vectors}
-    mma_flops = {"fwd": 2 * 2 * d * 1024, "bwd": 5 * 2 * d * 1024}
+    # vectors of T, the fp32 T x D dQ accumulator; a key/value head is shared by ``group``
+    # query heads): forward q, k, v read, o written, logsumexp written; delta o, dO read,
+    # delta written (and the accumulator zeroed); dK/dV q, k, v, dO, lse, delta read, dK,
+    # dV written (fused: the accumulator read and written once); dQ the same reads, dQ
+    # written; dQ's scaling the accumulator read, dQ written. Matmul flops per 1K pairs the
+    # pass needs: 2 forward (QK^T, PV), 5 backward (QK^T again, dP, dV, dK, dQ).
+    tensors, vectors, accumulator = t * d * item, 4 * t, t * d * 4
+    dkdv_bytes = (2 + 4 / group) * tensors + 2 * vectors
+    min_bytes = {("_attn_fwd_kernel", False): (2 + 2 / group) * tensors + vectors,
+                 ("_attn_bwd_delta_kernel", False): 2 * tensors + vectors,
+                 ("_attn_bwd_delta_kernel", True): 2 * tensors + vectors + accumulator,
+                 ("_attn_bwd_dkdv_kernel", False): dkdv_bytes,
+                 ("_attn_bwd_dkdv_kernel", True): dkdv_bytes + 2 * accumulator,
+                 ("_attn_bwd_dq_kernel", False): (3 + 2 / group) * tensors + 2 * vectors,
+                 ("_attn_bwd_dq_out_kernel", True): accumulator + tensors}
+    mma_flops = {"fwd": 2 * 2 * d * 1024, "bwd-fused": 5 * 2 * d * 1024, "bwd-recompute": 5 * 2 * d * 1024}
     shown = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HAS_DROPOUT")
     if workload.attention_features:
         shown += ("kv_group", "WINDOWED", "SOFTCAP", "VARLEN")
@@ -1179,21 +1286,30 @@ def aot_variants(dtype: torch.dtype, workload=None) -> list:
         for dropout_p in (0.0, workload.dropout_p):
             with cr.launches(module, "_attn_fwd") as forward:
                 flash_attention_forward(q, k, v, True, d ** -0.5, dropout_p, 1234, **options)
-            with cr.launches(module, "_attn_bwd_delta_kernel", "_attn_bwd_dkdv", "_attn_bwd_dq") as backward:
-                flash_attention_backward(o, q, k, v, o, lse, True, d ** -0.5, dropout_p, 1234, **options)
-            for pass_, recorded in (("fwd", forward), ("bwd", backward)):
+            backward = {}
+            for deterministic in (False, True):
+                kernels = ("_attn_bwd_delta_kernel", "_attn_bwd_fused", "_attn_bwd_dq_out_kernel", "_attn_bwd_dkdv",
+                           "_attn_bwd_dq")
+                with cr.launches(module, *kernels) as recorded, deterministic_algorithms(deterministic):
+                    flash_attention_backward(o, q, k, v, o, lse, True, d ** -0.5, dropout_p, 1234, **options)
+                backward["bwd-recompute" if deterministic else "bwd-fused"] = recorded
+            for pass_, recorded in (("fwd", forward), *backward.items()):
+                fused = pass_ == "bwd-fused"
                 for launch in (x for r in recorded for x in cr.expand(r)):
                     if "BLOCK_N" in launch.args:  # the main kernels: BLOCK_M x BLOCK_N pairs per iteration
                         per_iteration, loops = launch.args["BLOCK_M"] * launch.args["BLOCK_N"] / 1024, "alternatives"
                         show = shown
-                    elif dropout_p or feature:  # the delta preprocess depends on neither: listed once
+                    elif dropout_p or feature:  # the row kernels depend on neither: listed once
                         continue
-                    else:  # the delta preprocess: BLOCK_M queries of pairs / T keys on average
+                    else:  # delta, dQ's scaling: BLOCK_M queries of pairs / T keys on average
                         per_iteration, loops = launch.args["BLOCK_M"] * per_head / t, "sequence"
                         show = ("BLOCK_M", "BLOCK_D")
                     name = cr.python_function(launch.kernel).__name__
+                    # The fused and the deterministic backward's builds of the shared kernels.
+                    show += tuple(flag for flag in ("ACCUMULATE_DQ", "ZERO_DQ_ACC") if flag in launch.args)
+                    work = min_bytes[name, fused and name != "_attn_fwd_kernel"] / per_head
                     found.append(cr.jit_variant(
                         "attention", pass_, launch, workload=workload, show=show,
-                        work=cr.Work("1K pairs", per_iteration, min_bytes[name] / per_head, mma_flops[pass_], loops),
+                        work=cr.Work("1K pairs", per_iteration, work, mma_flops[pass_], loops),
                     ))
     return found

@@ -41,8 +41,9 @@ with the tools the Triton wheel ships:
 - cost, from ``cuobjdump -sass``: loops are the bodies closed by a backward branch; the
   innermost ones are the main loops (a kernel may have an unmasked and a masked one; each is
   reported). Per unit of work: instructions, global memory instructions by width (LDG/STG
-  128/64/32/16/8-bit, LDGSTS = cp.async, UTMALDG/UTMASTG = TMA), the bytes they move
-  (all lanes counted; TMA bytes are not visible in SASS and not counted), MUFU
+  128/64/32/16/8-bit, LDGSTS = cp.async, RED/ATOMG = atomics, UTMALDG/UTMASTG = TMA), the
+  bytes they move (all lanes counted; an atomic as a store of its width, though L2 applies
+  it at a lower rate; TMA bytes are not visible in SASS and not counted), MUFU
   instructions (EX2, RCP, RSQ, LG2, ...) and whether the exponentials are flush-to-zero
   (no ``FSETP ... -126`` range fix-up around them), tensor-core instructions with their
   shapes (``HMMA.16816``, ``HGMMA.64x64x16``) and the MMA work relative to the matmuls the
@@ -451,11 +452,11 @@ def read_section(instructions: Sequence[tuple[int, str, str]]) -> dict:
     memory_bits = mma_flops = mma_time = exp_fixups = 0
     for _, opcode, operands in instructions:
         head = opcode.split(".")[0]
-        if head in ("LDG", "STG", "LDGSTS"):
+        if head in ("LDG", "STG", "LDGSTS", "RED", "ATOMG"):
             bits = _memory_width(opcode)
             memory[f"{head}.{bits}"] += 1
             memory_bits += bits
-        elif head in ("UTMALDG", "UTMASTG", "UBLKCP", "ATOMG", "RED"):
+        elif head in ("UTMALDG", "UTMASTG", "UBLKCP"):
             memory[head] += 1
         elif head == "MUFU":
             mufu[opcode.split(".")[1]] += 1

@@ -10,6 +10,7 @@ import torch
 
 from fusedgpt.kernels import flash_attention, reference
 from fusedgpt.kernels import attention as attention_module
+from fusedgpt.kernels.attention import deterministic_algorithms
 from fusedgpt.kernels.backend import BackendUnavailableError
 from tests.kernels.parity import assert_parity
 
@@ -219,8 +220,9 @@ FEATURE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fused-backward", "deterministic-backward"])
 @pytest.mark.parametrize("case", FEATURE_CASES, ids=[c[0] for c in FEATURE_CASES])
-def test_parity_features(case, device):
+def test_parity_features(case, deterministic, device):
     _, b, h, h_kv, tq, tk, d, dtype, options = case
     options = dict(options)
     if isinstance(tq, list):
@@ -232,7 +234,51 @@ def test_parity_features(case, device):
         options["seed"] = 77
         mask = attention_module.dropout_mask(77, (b, h, tq, tk), options["dropout_p"], device)
     oracle = _oracle(options.get("causal", True), None, options.get("dropout_p", 0.0), mask, **features)
-    assert_parity(_kernel(**options), oracle, _qkv(b, h, tq, tk, d, dtype, device, h_kv=h_kv))
+    with deterministic_algorithms(deterministic):
+        assert_parity(_kernel(**options), oracle, _qkv(b, h, tq, tk, d, dtype, device, h_kv=h_kv))
+
+
+def test_fused_backward_where_the_cost_model_rates_it_cheaper():
+    pays = attention_module.fused_backward_pays
+    assert pays(None, 128, 1)  # the interpreter runs the fused backward
+    assert pays(8, 64, 1024) and not pays(8, 128, 1024) and not pays(9, 64, 1024) and not pays(9, 128, 1024)
+    assert pays(9, 64, 2048) and pays(9, 128, 4096) and pays(8, 128, 2048)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_path_follows_torch_determinism(deterministic, device, monkeypatch):
+    # Fused: one kernel adds dq into an fp32 accumulator with atomics (the 5 products once);
+    # recompute (always when deterministic): the dK/dV kernel, then the dQ kernel (a fixed
+    # summation order).
+    launched = []
+    for name in ("_attn_bwd_fused", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_dq_out_kernel"):
+        kernel = getattr(attention_module, name)
+
+        class Spy:
+            def __getitem__(self, grid, name=name, kernel=kernel):
+                launched.append(name)
+                return kernel[grid]
+
+        monkeypatch.setattr(attention_module, name, Spy())
+    inputs = {k: v.requires_grad_() for k, v in _qkv(1, 2, 40, 40, 16, F32, device).items()}
+    with deterministic_algorithms(deterministic):
+        flash_attention(**inputs, backend="triton").sum().backward()
+    capability = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else None
+    fused = not deterministic and attention_module.fused_backward_pays(capability, 64, 40)
+    expected = ["_attn_bwd_fused", "_attn_bwd_dq_out_kernel"] if fused else ["_attn_bwd_dkdv", "_attn_bwd_dq"]
+    assert launched == expected
+
+
+def test_fused_and_deterministic_backward_agree(device):
+    inputs = _qkv(2, 4, 77, 77, 48, F32, device, h_kv=2)
+    grads = []
+    for deterministic in (False, True):
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        with deterministic_algorithms(deterministic):
+            flash_attention(**leaves, window=30, backend="triton").pow(2).sum().backward()
+        grads.append([leaves[name].grad for name in ("q", "k", "v")])
+    for fused, fixed in zip(*grads):
+        torch.testing.assert_close(fused, fixed, rtol=1e-5, atol=1e-5)
 
 
 def test_packed_sequences_match_each_sequence_alone(device):
@@ -265,25 +311,36 @@ def test_grouped_query_reads_kv_in_place(device, monkeypatch):
     assert launched == [(inputs["k"].data_ptr(), (1, 2, 21, 16))]
 
 
-def test_window_skips_key_blocks_outside_it(device):
-    # NaN values in keys 0..15 (one pinned key block). A masked-but-visited block would
-    # spread them (0 * NaN in P V) to every row of the query blocks that visit it; skipped,
-    # they cannot reach query blocks whose window starts past them: with window 8, the
-    # query blocks from row 32 on (pinned BLOCK_M 32), in the output and in dq.
-    block_m = attention_module.INTERPRETER_CONFIGS["fwd"][0].kwargs["BLOCK_M"]
-    assert attention_module.INTERPRETER_CONFIGS["fwd"][0].kwargs["BLOCK_N"] == 16 and block_m == 32
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fused-backward", "deterministic-backward"])
+def test_window_skips_key_blocks_outside_it(device, deterministic):
+    # NaN values in keys 0..15 (one pinned forward key block). A masked-but-visited block
+    # would spread them (0 * NaN in P V) to every row of the query blocks that visit it;
+    # skipped, they cannot reach query blocks whose window starts past them: with window 8,
+    # the forward's query blocks from row 32 on (pinned BLOCK_M 32). For dq, the blocks of
+    # the kernel that forms it: the dQ kernel's (BLOCK_M 32, BLOCK_N 16): rows from 32 on;
+    # the fused backward's, which adds dq from 32-key blocks into 16-query blocks: the key
+    # block 0..31 is seen up to query 31 + 8 - 1, so rows from 48 on.
+    window = 8
+    fwd = attention_module.INTERPRETER_CONFIGS["fwd"][0].kwargs
+    fused = attention_module.INTERPRETER_CONFIGS["bwd"][0].kwargs
+    assert (fwd["BLOCK_M"], fwd["BLOCK_N"]) == (32, 16) and (fused["BLOCK_M"], fused["BLOCK_N"]) == (16, 32)
+    clean_from = fwd["BLOCK_M"]
+    dq_clean_from = 32 if deterministic else 48
     clean = {k: v.requires_grad_() for k, v in _qkv(1, 2, 96, 96, 16, F32, device).items()}
     poisoned = {k: v.detach().clone().requires_grad_() for k, v in clean.items()}
     with torch.no_grad():
         poisoned["v"][:, :, :16] = float("nan")
     outs = []
-    for inputs in (clean, poisoned):
-        out = flash_attention(**inputs, window=8, backend="triton")
-        out.sum().backward()
-        outs.append(out)
-    assert outs[1][:, :, :block_m].isnan().any()  # the first query block did see them
-    torch.testing.assert_close(outs[1][:, :, block_m:], outs[0][:, :, block_m:], rtol=0, atol=0)
-    torch.testing.assert_close(poisoned["q"].grad[:, :, block_m:], clean["q"].grad[:, :, block_m:], rtol=0, atol=0)
+    with deterministic_algorithms(deterministic):
+        for inputs in (clean, poisoned):
+            out = flash_attention(**inputs, window=window, backend="triton")
+            out.sum().backward()
+            outs.append(out)
+    assert outs[1][:, :, :clean_from].isnan().any()  # the first query block did see them
+    torch.testing.assert_close(outs[1][:, :, clean_from:], outs[0][:, :, clean_from:], rtol=0, atol=0)
+    assert poisoned["q"].grad[:, :, :dq_clean_from].isnan().any()
+    torch.testing.assert_close(poisoned["q"].grad[:, :, dq_clean_from:], clean["q"].grad[:, :, dq_clean_from:],
+                               rtol=0, atol=0)
 
 
 def test_torch_compile_fullgraph_with_every_feature(device):
@@ -421,25 +478,30 @@ def test_saves_only_qkv_output_and_fp32_logsumexp(device):
 # ------------------------------------------------------------------------- configs
 
 
+# The kernels' config lists: forward, fused backward, and the deterministic backward's two.
+KINDS = ("fwd", "bwd", "dkdv", "dq")
+KEY_BLOCK_KINDS = ("bwd", "dkdv")  # these own a key block and loop over query blocks
+
+
 def test_configs_suit_the_hardware_and_the_causal_diagonal():
     assert set(attention_module.HALF_CONFIGS) == {
         (block_d, dropout) for block_d in attention_module.HEAD_DIM_BLOCKS for dropout in (False, True)
     }
     for specialisation, by_kind in attention_module.HALF_CONFIGS.items():
-        assert set(by_kind) == {"fwd", "dkdv", "dq"}, specialisation
+        assert set(by_kind) == set(KINDS), specialisation
         for kind, configs in by_kind.items():
-            owned, looped = ("BLOCK_N", "BLOCK_M") if kind == "dkdv" else ("BLOCK_M", "BLOCK_N")
+            owned, looped = ("BLOCK_N", "BLOCK_M") if kind in KEY_BLOCK_KINDS else ("BLOCK_M", "BLOCK_N")
             for c in configs:
                 assert c.kwargs[owned] >= max(64, c.kwargs[looped]) and c.num_warps % 4 == 0, (specialisation, kind, c)
     for kind, configs in {**attention_module.FP32_CONFIGS, **attention_module.INTERPRETER_CONFIGS}.items():
-        owned, looped = ("BLOCK_N", "BLOCK_M") if kind == "dkdv" else ("BLOCK_M", "BLOCK_N")
+        owned, looped = ("BLOCK_N", "BLOCK_M") if kind in KEY_BLOCK_KINDS else ("BLOCK_M", "BLOCK_N")
         assert all(c.kwargs[owned] >= c.kwargs[looped] for c in configs), kind
 
 
 @pytest.mark.parametrize("dtype", [F16, torch.bfloat16, F32], ids=str)
 def test_autotune_pruning_by_shape(dtype):
     q = torch.empty(0, dtype=dtype)
-    for kind in ("fwd", "dkdv", "dq"):
+    for kind in KINDS:
         prune = attention_module._prune(kind)
         for block_d in attention_module.HEAD_DIM_BLOCKS:
             for dropout in (False, True):
@@ -459,7 +521,7 @@ def test_feature_builds_get_the_small_config_single_stage(feature):
     # its list's small tiles, single-stage (fp32 lists are single-stage small tiles already).
     for dtype in (F16, torch.bfloat16, F32):
         q = torch.empty(0, dtype=dtype)
-        for kind in ("fwd", "dkdv", "dq"):
+        for kind in KINDS:
             for block_d in attention_module.HEAD_DIM_BLOCKS:
                 for dropout in (False, True):
                     tuned = attention_module.gpu_configs(kind, dtype, block_d, dropout)
@@ -495,7 +557,10 @@ def test_compile_report_covers_every_config(report_rows):
     seen = {(r["kernel"], str({"dtype": r["dtype"], **r["config"]}), r["arch"]) for r in report_rows}
     assert seen == expected and len(report_rows) == len(expected)
     kernels = {r["kernel"] for r in report_rows}
-    assert kernels == {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_delta_kernel"}
+    assert kernels == {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_delta_kernel",
+                       "_attn_bwd_dq_out_kernel"}
+    # Both backwards: the dK/dV kernel with and without dQ's accumulation.
+    assert {r["config"]["ACCUMULATE_DQ"] for r in report_rows if r["kernel"] == "_attn_bwd_dkdv_kernel"} == {True, False}
 
 
 def test_compile_report_is_healthy_with_tensor_cores(report_rows):
@@ -506,7 +571,7 @@ def test_compile_report_is_healthy_with_tensor_cores(report_rows):
         where = (row["kernel"], row["dtype"], row["arch"], row["config"])
         assert row["spill_bytes"] == 0 and 0 < row["registers"] <= 255, where
         assert row["shared_bytes"] <= row["shared_limit"], where
-        if row["kernel"] == "_attn_bwd_delta_kernel":
+        if row["kernel"] in ("_attn_bwd_delta_kernel", "_attn_bwd_dq_out_kernel"):  # no matmul
             continue
         if row["dtype"] in ("float16", "bfloat16"):
             tensor_cores = row["hmma"] if row["arch"] == "sm_80" else row["hgmma"]

@@ -82,9 +82,9 @@ def test_attention_lists_the_dropout_off_builds_that_training_runs():
     attention = importlib.import_module("fusedgpt.kernels.attention")
     variants = attention.aot_variants(torch.bfloat16, report.WORKLOADS["gpt2"])
     seen = {(v.pass_, v.kernel.__name__, v.config.get("HAS_DROPOUT")) for v in variants}
-    for kernel in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
-        pass_ = "fwd" if kernel == "_attn_fwd_kernel" else "bwd"
-        assert {(pass_, kernel, False), (pass_, kernel, True)} <= seen, kernel
+    for pass_, kernel in (("fwd", "_attn_fwd_kernel"), ("bwd-fused", "_attn_bwd_dkdv_kernel"),
+                          ("bwd-recompute", "_attn_bwd_dkdv_kernel"), ("bwd-recompute", "_attn_bwd_dq_kernel")):
+        assert {(pass_, kernel, False), (pass_, kernel, True)} <= seen, (pass_, kernel)
     # The layout of the model: q, k, v split from one (B, T, 3C) projection.
     fwd = next(v for v in variants if v.pass_ == "fwd")
     assert fwd.args["stride_qt"] == 3 * 768 and fwd.args["Tq"] == 1024 and fwd.args["D"] == 64
