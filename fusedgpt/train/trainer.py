@@ -9,7 +9,9 @@ then follows a cosine down to ``min_lr`` at ``max_steps``; gradients are clipped
 Reproducibility: everything a step draws from -- the training windows (a function of the
 seed and the step), the weights, the optimizer state and the RNG states -- is in the
 checkpoint, and evaluation and sampling use their own generators, so a run resumed from
-step ``s`` is bitwise the run that never stopped (on the same machine and software).
+step ``s`` is bitwise the run that never stopped (on the same machine and software). On a
+GPU that takes ``deterministic``: by default the Triton attention backward adds dQ with
+atomics, whose last bits vary from run to run (see :func:`deterministic_algorithms`).
 
 Configuration, lowest precedence first: :class:`TrainConfig`'s defaults (the embedded
 Shakespeare job), the stored configuration of the run being resumed, a TOML file
@@ -68,6 +70,8 @@ class TrainConfig:
             interpreter is for verification and far too slow to train with.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (one process only; under
             torchrun every process takes ``cuda:LOCAL_RANK``).
+        deterministic: train under :func:`deterministic_algorithms`, bitwise reproducible on
+            a GPU too; False leaves the process's setting as it is.
     """
 
     preset: str = "mini"
@@ -97,6 +101,7 @@ class TrainConfig:
     resume: bool = False
     compile: bool = False
     fsdp: bool = False
+    deterministic: bool = False
     sample_tokens: int = 48
     sample_prompt: str = "\n"
     log_every: int = 1
@@ -186,6 +191,46 @@ def check_resumable(requested: "GPTConfig | LlamaConfig", checkpoint: ckpt.Check
             f"{'; '.join(differences)}. Resume without changing the model (vocab_size comes from the "
             "data's tokenizer), or start a new run in another --out"
         )
+
+
+# cuBLAS workspace configurations under which its matmuls are reproducible (CUDA >= 10.2);
+# PyTorch refuses a cuBLAS matmul in deterministic mode under any other.
+DETERMINISTIC_CUBLAS_CONFIGS = (":4096:8", ":16:8")
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool, device: torch.device) -> Iterator[None]:
+    """With ``enabled``, ``torch.use_deterministic_algorithms(True)`` inside the block and
+    the previous setting (and its ``warn_only``) after it; without, nothing changes.
+
+    The setting is process-wide (every thread, every model). It makes the attention
+    backward take its recompute path, which sums dQ in a fixed order, instead of the fused
+    one, which adds it with atomics; and PyTorch's own ops their deterministic versions
+    (the embedding and gather backwards of a GPT-2 or Llama step have them). It is strict,
+    not ``warn_only``: an op with no deterministic version raises, naming itself, rather
+    than leave a run that claims to be reproducible and is not.
+
+    On CUDA it also sets ``CUBLAS_WORKSPACE_CONFIG`` to ``:4096:8`` where it is unset, and
+    leaves it set: cuBLAS reads it when it initialises, so the block must be entered
+    before the process's first CUDA matmul (the trainer's first is inside it).
+
+    Raises:
+        ValueError: ``CUBLAS_WORKSPACE_CONFIG`` is set to a configuration that is not reproducible.
+    """
+    if not enabled:
+        yield
+        return
+    if device.type == "cuda":
+        config = os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", DETERMINISTIC_CUBLAS_CONFIGS[0])
+        if config not in DETERMINISTIC_CUBLAS_CONFIGS:
+            raise ValueError(f"--deterministic needs CUBLAS_WORKSPACE_CONFIG unset or one of "
+                             f"{', '.join(DETERMINISTIC_CUBLAS_CONFIGS)}; it is {config!r}")
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def _full_state_options():
@@ -485,7 +530,8 @@ class Trainer:
     def run(self) -> RunResult:
         """Train to ``max_steps``, evaluating every ``eval_every`` steps (and at the start of
         a fresh run and at the end), checkpointing every ``save_every`` steps, at the end
-        and on Ctrl-C. Only rank 0 writes files and prints."""
+        and on Ctrl-C. Only rank 0 writes files and prints. With ``cfg.deterministic``, under
+        :func:`deterministic_algorithms` from start to end."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         result = RunResult(self.step, "done", [], {}, self.last_checkpoint)
@@ -494,7 +540,7 @@ class Trainer:
                      resumed_at=self.step if self.resume_from is not None else None, progress=cfg.progress,
                      enabled=self.dist.is_main)
         try:
-            with log, stop.installed():
+            with log, stop.installed(), deterministic_algorithms(cfg.deterministic, self.device):
                 log.print(self._describe())
                 if self.resume_from is None:
                     self._evaluate_and_log(log, result, "initial")
@@ -621,6 +667,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_arguments(parser, keep_unset=True)
     for name, help_text in (("resume", "continue from the newest checkpoint in --out"),
                             ("compile", "torch.compile the model"),
+                            ("deterministic", "bitwise reproducible on a GPU too: torch.use_deterministic_algorithms "
+                             "(no atomics in the attention backward; may be slower), and CUBLAS_WORKSPACE_CONFIG="
+                             ":4096:8 where unset"),
                             ("fsdp", "under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP")):
         parser.add_argument("--" + name, dest=name, action="store_true", default=suppress, help=help_text)
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=suppress, help="no progress bar")
