@@ -52,7 +52,7 @@ on awkward shapes), with bad-input tests for every check; the export below; and 
 in ``docs/ops.md``.
 """
 
-from fusedgpt.kernels.attention import flash_attention
+from fusedgpt.kernels.attention import flash_attention, flash_attention_qkvpacked
 from fusedgpt.kernels.backend import BackendUnavailableError
 from fusedgpt.kernels.cross_entropy import cross_entropy
 from fusedgpt.kernels.layernorm import add_layer_norm, layer_norm
@@ -62,7 +62,7 @@ from fusedgpt.kernels.rotary import apply_rotary, rotary_cache
 from fusedgpt.kernels.swiglu import swiglu
 
 __all__ = [
-    "BackendUnavailableError", "add_layer_norm", "cross_entropy", "flash_attention", "layer_norm",
+    "BackendUnavailableError", "add_layer_norm", "cross_entropy", "flash_attention", "flash_attention_qkvpacked", "layer_norm",
     "linear_cross_entropy", "add_rms_norm", "rms_norm", "apply_rotary", "rotary_cache",
     "swiglu",
 ]

@@ -80,9 +80,8 @@ per query block.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
@@ -870,6 +869,7 @@ def flash_attention_backward(
     window: Optional[int] = None, softcap: Optional[float] = None,
     cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
     max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
+    grads: Optional[tuple[Tensor, Tensor, Tensor]] = None, fused: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the backward. Fused (where :func:`fused_backward_pays`): the ``delta``
     preprocess (which also zeroes an fp32 dQ accumulator), one kernel that computes dK, dV
@@ -880,17 +880,21 @@ def flash_attention_backward(
     sum in a fixed order.
 
     Takes the forward's inputs and options, its ``o`` and ``lse``, and ``do`` like ``o``
-    (any strides). Returns ``dq``, ``dk``, ``dv`` like q, k, v, in their dtype.
+    (any strides). ``fused``: which backward, overriding the choice above (the compile
+    report lists both). Returns ``dq``, ``dk``, ``dv`` like q, k, v, in their dtype: written into
+    ``grads`` when given (tensors of those shapes and dtype, unit last stride, e.g. views
+    of one packed gradient), otherwise new.
     """
     do, q, k, v, o = (with_unit_last_stride(t) for t in (do, q, k, v, o))
     b, h, tq, d = q.shape
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = grads if grads is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     if q.numel() == 0:
         return dq, dk, dv
     run = _Launch(q, k, causal, dropout_p, window, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     block_d = run.meta["BLOCK_D"]
     capability = torch.cuda.get_device_capability(q.device)[0] if q.device.type == "cuda" else None
-    fused = not torch.are_deterministic_algorithms_enabled() and fused_backward_pays(capability, block_d, run.max_k)
+    if fused is None:
+        fused = not torch.are_deterministic_algorithms_enabled() and fused_backward_pays(capability, block_d, run.max_k)
     delta = torch.empty(b, h, tq, dtype=torch.float32, device=q.device)
     dq_acc = torch.empty(b, h, tq, block_d, dtype=torch.float32, device=q.device) if fused else delta
     rows = (triton.cdiv(tq, DELTA_BLOCK_M), h, b)
@@ -976,30 +980,59 @@ def _(do, q, k, v, *rest):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+def _unpacked(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v (B, H, T, D) as views of a packed (B, T, 3, H, D) tensor."""
+    return tuple(qkv.select(2, i).transpose(1, 2) for i in range(3))
+
+
+@torch.library.custom_op("fusedgpt::flash_attention_qkvpacked_bwd", mutates_args=())
+def _flash_attention_qkvpacked_bwd_op(
+    do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor,
+    causal: bool, softmax_scale: float, dropout_p: float, seed: int,
+    window: Optional[int], softcap: Optional[float], cu_seqlens_q: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor], max_seqlen_q: Optional[int], max_seqlen_k: Optional[int],
+) -> Tensor:
+    dqkv = qkv.new_empty(qkv.shape)
+    flash_attention_backward(
+        do, *_unpacked(qkv), o, lse, causal, softmax_scale, dropout_p, seed, window, softcap,
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, grads=_unpacked(dqkv),
+    )
+    return dqkv
+
+
+@_flash_attention_qkvpacked_bwd_op.register_fake
+def _(do, qkv, *rest):
+    return qkv.new_empty(qkv.shape)
+
+
 # --------------------------------------------------------------------------- autograd
 
 
 class _FlashAttentionFunction(torch.autograd.Function):
+    """Inputs q, k, v, or ``qkv``: a packed (B, T, 3, H, D) tensor that q, k, v are views of
+    (then q, k, v get no gradient of their own: qkv gets one packed gradient, which the
+    kernels write in place, where three separate ones would be concatenated after)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, dropout_p, seed, window, softcap,
+    def forward(ctx, qkv, q, k, v, causal, softmax_scale, dropout_p, seed, window, softcap,
                 cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
         o, lse = torch.ops.fusedgpt.flash_attention_fwd(
             q, k, v, causal, softmax_scale, dropout_p, seed, window, softcap,
             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         )
-        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k)
-        ctx.params = (causal, softmax_scale, dropout_p, seed, window, softcap, max_seqlen_q, max_seqlen_k)
+        ctx.packed = qkv is not None
+        ctx.save_for_backward(*((qkv,) if ctx.packed else (q, k, v)), o, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.params = (causal, softmax_scale, dropout_p, seed, window, softcap)
+        ctx.lengths = (max_seqlen_q, max_seqlen_k)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        causal, softmax_scale, dropout_p, seed, window, softcap, max_seqlen_q, max_seqlen_k = ctx.params
-        dq, dk, dv = torch.ops.fusedgpt.flash_attention_bwd(
-            do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, window, softcap,
-            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        )
-        return dq, dk, dv, *[None] * 10
+        *inputs, o, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        options = (*ctx.params, cu_seqlens_q, cu_seqlens_k, *ctx.lengths)
+        if ctx.packed:
+            return torch.ops.fusedgpt.flash_attention_qkvpacked_bwd(do, *inputs, o, lse, *options), *[None] * 13
+        return None, *torch.ops.fusedgpt.flash_attention_bwd(do, *inputs, o, lse, *options), *[None] * 10
 
 
 # --------------------------------------------------------------------------- public
@@ -1186,6 +1219,57 @@ def flash_attention(
         output row (and NaN gradients through it), as PyTorch's own ops do, never 0;
         only a row that the mask leaves without any key outputs 0.
     """
+    return _attention(
+        None, q, k, v, causal, softmax_scale, dropout_p, seed, window, softcap,
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend,
+    )
+
+
+def flash_attention_qkvpacked(
+    qkv: Tensor,
+    *,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    seed: Optional[int] = None,
+    window: Optional[int] = None,
+    softcap: Optional[float] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    max_seqlen: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """:func:`flash_attention` of q, k, v packed in one tensor, as one projection makes them.
+
+    Args:
+        qkv: (B, T, 3, H, D) — e.g. a (B, T, 3 H D) projection viewed so; its last dim of
+            unit stride. q = ``qkv[:, :, 0]``, k, v the next two, each read in place as
+            (B, H, T, D).
+        cu_seqlens, max_seqlen: packed variable-length sequences (B = 1), the same offsets
+            for queries and keys.
+        The other arguments as :func:`flash_attention`'s.
+
+    Returns:
+        (B, H, T, D) in qkv's dtype. On the kernel path qkv's gradient is one (B, T, 3, H,
+        D) tensor that the backward kernels write in place: without this entry point,
+        autograd would concatenate separate dq, dk, dv into it (one more read and write of
+        it per call).
+    """
+    if not isinstance(qkv, Tensor):
+        raise TypeError(f"{_OP}_qkvpacked: qkv must be a tensor, got {type(qkv).__name__}")
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"{_OP}_qkvpacked: qkv must be (B, T, 3, H, D), got shape {tuple(qkv.shape)}")
+    return _attention(
+        qkv, *_unpacked(qkv), causal, softmax_scale, dropout_p, seed, window, softcap,
+        cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, backend,
+    )
+
+
+def _attention(
+    qkv: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, causal: object, softmax_scale: object,
+    dropout_p: object, seed: object, window: object, softcap: object, cu_seqlens_q: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor], max_seqlen_q: object, max_seqlen_k: object, backend: Optional[str],
+) -> Tensor:
+    """Checks, then the kernel or the reference path; ``qkv``: what q, k, v are views of, or None."""
     _check_tensors(q, k, v)
     causal, softmax_scale, window, softcap = _check_options(causal, softmax_scale, window, softcap)
     dropout_p, seed = _check_dropout(_OP, dropout_p, seed)
@@ -1196,7 +1280,7 @@ def flash_attention(
         seed = _draw_seed()
     if path == "triton":
         return _FlashAttentionFunction.apply(
-            q, k, v, causal, scale, dropout_p, seed or 0, window, softcap,
+            qkv, q, k, v, causal, scale, dropout_p, seed or 0, window, softcap,
             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         )
     mask = None
@@ -1211,18 +1295,6 @@ def flash_attention(
 
 
 # --------------------------------------------------------------------------- compile report
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(on: bool) -> Iterator[None]:
-    """``torch.use_deterministic_algorithms(on)`` inside the block, the previous setting after
-    (which backward the launcher takes)."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(on)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
 
 
 def aot_variants(dtype: torch.dtype, workload=None) -> list:
@@ -1287,12 +1359,13 @@ def aot_variants(dtype: torch.dtype, workload=None) -> list:
             with cr.launches(module, "_attn_fwd") as forward:
                 flash_attention_forward(q, k, v, True, d ** -0.5, dropout_p, 1234, **options)
             backward = {}
-            for deterministic in (False, True):
+            for fused in (True, False):
                 kernels = ("_attn_bwd_delta_kernel", "_attn_bwd_fused", "_attn_bwd_dq_out_kernel", "_attn_bwd_dkdv",
                            "_attn_bwd_dq")
-                with cr.launches(module, *kernels) as recorded, deterministic_algorithms(deterministic):
-                    flash_attention_backward(o, q, k, v, o, lse, True, d ** -0.5, dropout_p, 1234, **options)
-                backward["bwd-recompute" if deterministic else "bwd-fused"] = recorded
+                with cr.launches(module, *kernels) as recorded:
+                    flash_attention_backward(o, q, k, v, o, lse, True, d ** -0.5, dropout_p, 1234, **options,
+                                             fused=fused)
+                backward["bwd-fused" if fused else "bwd-recompute"] = recorded
             for pass_, recorded in (("fwd", forward), *backward.items()):
                 fused = pass_ == "bwd-fused"
                 for launch in (x for r in recorded for x in cr.expand(r)):

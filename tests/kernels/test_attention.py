@@ -2,15 +2,16 @@
 (plain, grouped-query, windowed, soft-capped, packed variable-length), dropout, non-finite
 input, saved-tensor accounting, configs and the compile report, dispatch and bad input."""
 
+import contextlib
 import itertools
 import math
+import re
 
 import pytest
 import torch
 
-from fusedgpt.kernels import flash_attention, reference
+from fusedgpt.kernels import flash_attention, flash_attention_qkvpacked, reference
 from fusedgpt.kernels import attention as attention_module
-from fusedgpt.kernels.attention import deterministic_algorithms
 from fusedgpt.kernels.backend import BackendUnavailableError
 from tests.kernels.parity import assert_parity
 
@@ -25,6 +26,17 @@ def _qkv(b, h, tq, tk, d, dtype, device, seed=0, h_kv=None):
 
     h_kv = h if h_kv is None else h_kv
     return dict(q=draw(h, tq), k=draw(h_kv, tk), v=draw(h_kv, tk))
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool):
+    """torch.use_deterministic_algorithms(on) inside the block, the previous setting after."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def _kernel(**options):
@@ -136,6 +148,72 @@ def test_packed_qkv_views_read_in_place(dtype, device, monkeypatch):
     assert_parity(_split(_kernel()), _split(_oracle()), inputs)
     storages, offsets = launched[0]
     assert len(storages) == 1 and offsets == [0, h * d, 2 * h * d]
+
+
+PACKED_CASES = [(2, 77, 3, 48, F32, {}), (1, 40, 2, 64, F16, dict(window=9, softcap=4.0)),
+                (1, 33, 2, 16, F32, dict(dropout_p=0.25, seed=5))]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fused-backward", "deterministic-backward"])
+@pytest.mark.parametrize("b, t, h, d, dtype, options", PACKED_CASES, ids=lambda x: str(x))
+def test_qkvpacked_parity(b, t, h, d, dtype, options, deterministic, device):
+    features = {name: options[name] for name in ("window", "softcap") if name in options}
+    mask = None
+    if options.get("dropout_p"):
+        mask = attention_module.dropout_mask(options["seed"], (b, h, t, t), options["dropout_p"], device)
+
+    def oracle(qkv):
+        q, k, v = qkv.unbind(2)
+        return _oracle(True, None, options.get("dropout_p", 0.0), mask, **features)(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+    qkv = torch.randn(b, t, 3, h, d, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    with deterministic_algorithms(deterministic):
+        assert_parity(lambda qkv: flash_attention_qkvpacked(qkv, backend="triton", **options), oracle, dict(qkv=qkv))
+
+
+def test_qkvpacked_gradient_is_one_tensor_written_in_place(device):
+    # The packed path returns qkv's gradient from the op itself: no split/cat node between.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    qkv = torch.randn(2, 21, 3, 2, 16, device=device).requires_grad_()
+    out = flash_attention_qkvpacked(qkv, backend="triton")
+    assert "AccumulateGrad" in {type(f).__name__ for f, _ in out.grad_fn.next_functions if f is not None}
+    with Ops() as ops:
+        out.pow(2).sum().backward()
+    assert "fusedgpt.flash_attention_qkvpacked_bwd.default" in ops.seen
+    assert not [op for op in ops.seen if "cat" in op or "stack" in op], ops.seen
+    views = qkv.detach().clone().requires_grad_()
+    q, k, v = (t.transpose(1, 2) for t in views.unbind(2))
+    flash_attention(q, k, v, backend="triton").pow(2).sum().backward()
+    torch.testing.assert_close(qkv.grad, views.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_qkvpacked_under_torch_compile_fullgraph(device):
+    qkv = torch.randn(1, 17, 3, 2, 16, device=device)
+    grads = []
+    for fn in (flash_attention_qkvpacked, torch.compile(flash_attention_qkvpacked, fullgraph=True)):
+        leaf = qkv.clone().requires_grad_()
+        fn(leaf, window=5, backend="triton").pow(2).sum().backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, words", [((2, 5, 2, 3, 8), "(B, T, 3, H, D)"), ((2, 5, 24), "(B, T, 3, H, D)")])
+def test_qkvpacked_rejects_other_shapes(bad, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        flash_attention_qkvpacked(torch.zeros(bad), backend="torch")
+    with pytest.raises(TypeError, match="qkv must be a tensor"):
+        flash_attention_qkvpacked([1.0], backend="torch")
 
 
 def test_head_dim_with_non_unit_stride_is_copied(device):
