@@ -14,15 +14,15 @@ padding columns are never written or read. Per chunk, for "mean" and "sum":
     grad_b   += sum over rows of dlogits             (V,),   fp32 accumulator
 
 so the forward ends holding the gradients of the summed loss, and the backward only
-multiplies them by the incoming scalar gradient (over n_kept for "mean"), in fp32, and
-rounds once to the inputs' dtype. The forward cannot fold that scale in: with fp16 inputs
-a "mean" over thousands of tokens would push the stored gradients under fp16's normal
-range before a loss scaler's large incoming gradient (GradScaler's 65536) could lift them
-back. The weight and bias gradients stay in their fp32 accumulators until then (a sum
-over N tokens may outgrow fp16, too), so beyond the gradients themselves (the fp32 V x H
-weight accumulator, N x H for hidden: what eager PyTorch's backward allocates too) the
-extra memory is one chunk of logits, never the (N, V) logits. One chunk buffer serves
-every chunk and becomes its gradient in place.
+multiplies them by the incoming scalar gradient (over n_kept for "mean"), in fp32, each
+product rounded once as it is written in its input's dtype. The forward cannot fold that
+scale in: with fp16 inputs a "mean" over thousands of tokens would push the stored
+gradients under fp16's normal range before a loss scaler's large incoming gradient
+(GradScaler's 65536) could lift them back. The weight and bias gradients stay in their
+fp32 accumulators until then (a sum over N tokens may outgrow fp16, too), so beyond the
+gradients themselves (the fp32 V x H weight accumulator, N x H for hidden: what eager
+PyTorch's backward allocates too) the extra memory is one chunk of logits, never the
+(N, V) logits. One chunk buffer serves every chunk and becomes its gradient in place.
 
 "none" cannot be done that way: each row's loss gets its own incoming gradient, unknown
 during the forward. The forward then computes only the losses and saves the per-row
@@ -37,6 +37,24 @@ sized so that both fit the same budget), so it is just as lean. The naive ``F.li
 
 A ``weight`` that is also the token embedding (a tied GPT-2 head) needs nothing special:
 the gradient returned for it adds to the embedding's in autograd.
+
+Mixed precision: under autocast the head's weight (and bias) is the fp32 master copy while
+``hidden`` is fp16/bf16. The weight may then stay fp32: the Function casts it (and the bias)
+to hidden's dtype once per call, before the chunk loop, for the matmuls, and returns its
+gradient in fp32 straight from the fp32 accumulator. A cast by the caller would instead
+come back through autograd as the accumulator rounded to half precision, then cast up to
+fp32 again: two more passes over the V x H gradient, and its precision lost. (The
+accumulator sums one half-precision product per chunk, cuBLAS's fp32 sum rounded once.)
+Allowed dtypes:
+
+    hidden            weight, bias (bias: weight's dtype)
+    float32           float32
+    float16           float16 or float32
+    bfloat16          bfloat16 or float32
+    float64           float64 (torch path only)
+
+With ``reduction="none"`` the backward recomputes the logits and casts the fp32 weight once
+more (6 bytes per weight element) rather than keep the half copy from the forward alive.
 """
 
 from __future__ import annotations
@@ -259,20 +277,27 @@ def _linear_cross_entropy_bwd_op(
     needs_grad: list[bool], ignore_index: int, label_smoothing: float, z_loss: float, chunk_size: int,
     use_triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    # The weight's and bias's gradients stay in their fp32 (fp64) accumulators, as the
+    # forward op's do: the Function writes them in the parameters' own dtype.
     _, _, grad_hidden, grad_weight, grad_bias = _chunked(
         hidden, weight, target, bias, nll, grad_rows, needs_grad, ignore_index, label_smoothing, z_loss,
         chunk_size, use_triton,
     )
-    return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+    return grad_hidden, grad_weight, grad_bias
 
 
 @_linear_cross_entropy_bwd_op.register_fake
 def _(hidden, weight, target, bias, nll, grad_rows, needs_grad, ignore_index, label_smoothing, z_loss, chunk_size,
       use_triton):
-    return _fake_grads(hidden, weight, bias, needs_grad, weight.dtype)
+    return _fake_grads(hidden, weight, bias, needs_grad, _at_least_fp32(hidden.dtype))
 
 
 # --------------------------------------------------------------------------- autograd
+
+
+def _in_dtype_of(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """weight and bias in hidden's dtype, the dtype of the matmuls (no copy when they are)."""
+    return weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
 
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
@@ -281,6 +306,9 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                 use_triton, grad_enabled):
         rows = hidden.reshape(-1, hidden.shape[-1])
         flat_target = target.reshape(-1).contiguous()
+        # An fp32 master weight is cast once for the whole chunk loop (a no-op when it is
+        # already in hidden's dtype); outside autograd, so its gradient skips the cast.
+        matmul_weight, matmul_bias = _in_dtype_of(hidden, weight, bias)
         # needs_input_grad says what requires grad even under no_grad, where no backward comes.
         needs = ctx.needs_input_grad
         needs_grad = [grad_enabled and needs[0], grad_enabled and needs[1], grad_enabled and needs[3]]
@@ -291,34 +319,53 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         if reduction != "none" and any(needs_grad):
             grad_scale = torch.ones((), dtype=_at_least_fp32(hidden.dtype), device=hidden.device)
         loss, nll, grad_hidden, grad_weight, grad_bias = torch.ops.fusedgpt.linear_cross_entropy_fwd(
-            rows, weight, flat_target, bias, grad_scale, needs_grad, *args
+            rows, matmul_weight, flat_target, matmul_bias, grad_scale, needs_grad, *args
         )
         if reduction == "none":
             ctx.save_for_backward(rows, weight, flat_target, bias, nll)
         else:
             ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, flat_target)
-        ctx.params = (reduction, needs_grad, args, hidden.shape, hidden.dtype)
+        ctx.params = (reduction, needs_grad, args, hidden.shape, (hidden.dtype, weight.dtype, weight.dtype))
         return reduce_loss(loss, flat_target, ignore_index, reduction, target.shape)
 
     @staticmethod
     def backward(ctx, grad_output):
-        reduction, needs_grad, args, hidden_shape, dtype = ctx.params
+        reduction, needs_grad, args, hidden_shape, dtypes = ctx.params
         if reduction == "none":
             rows, weight, flat_target, bias, nll = ctx.saved_tensors
-            grads = torch.ops.fusedgpt.linear_cross_entropy_bwd(
-                rows, weight, flat_target, bias, nll, row_grad_scale(grad_output, flat_target, args[0], "none"),
-                needs_grad, *args,
+            matmul_weight, matmul_bias = _in_dtype_of(rows, weight, bias)
+            sums = torch.ops.fusedgpt.linear_cross_entropy_bwd(
+                rows, matmul_weight, flat_target, matmul_bias, nll,
+                row_grad_scale(grad_output, flat_target, args[0], "none"), needs_grad, *args,
             )
+            # grad_hidden comes in hidden's dtype; the other two from their accumulators.
+            grads = [g.to(dtype) for g, dtype in zip(sums, dtypes)]
         else:
             *sums, flat_target = ctx.saved_tensors
             scale = row_grad_scale(grad_output, flat_target, args[0], reduction).reshape(1)
             # A 1-element (not 0-dim) fp32 scale takes part in type promotion: an fp16
-            # gradient is multiplied in fp32, not by the scale rounded to fp16.
-            grads = [torch.mul(g, scale).to(dtype) for g in sums]
+            # gradient is multiplied in fp32, not by the scale rounded to fp16; the product
+            # is rounded once as it is written in the input's dtype (out=), not written in
+            # fp32 and cast after.
+            grads = [torch.mul(g, scale, out=g.new_empty(g.shape, dtype=dtype)) for g, dtype in zip(sums, dtypes)]
         grad_hidden, grad_weight, grad_bias = (g if need else None for g, need in zip(grads, needs_grad))
         if grad_hidden is not None:
             grad_hidden = grad_hidden.view(hidden_shape)
         return grad_hidden, grad_weight, None, grad_bias, None, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------- checks
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _check_dtypes(op: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    """weight in hidden's dtype, or float32 with half-precision hidden (an fp32 master
+    weight under autocast); bias in weight's dtype. A TypeError otherwise."""
+    if weight.dtype != hidden.dtype and not (weight.dtype == torch.float32 and hidden.dtype in HALF_DTYPES):
+        allowed = f"hidden's dtype {hidden.dtype}" + (" or torch.float32" if hidden.dtype in HALF_DTYPES else "")
+        raise TypeError(f"{op}: weight must have {allowed}, got {weight.dtype}")
+    check_same_dtype(op, "weight", weight, bias=bias)
 
 
 # --------------------------------------------------------------------------- public
@@ -342,9 +389,12 @@ def linear_cross_entropy(
 
     Args:
         hidden: (..., H) float32, float16 or bfloat16 (float64 on the torch path); any strides.
-        weight: (V, H), hidden's dtype and device. May be the token embedding (tied head).
+        weight: (V, H) on hidden's device, in hidden's dtype or, for fp16/bf16 hidden,
+            float32 (an fp32 master weight under autocast: cast once per call for the
+            matmuls, its gradient returned in fp32 from the fp32 accumulator). May be the
+            token embedding (tied head).
         target: (...) int64 class indices in [0, V), or ``ignore_index``.
-        bias: (V,) in hidden's dtype, or None.
+        bias: (V,) in weight's dtype, or None.
         ignore_index, reduction, label_smoothing, z_loss, validate: as in
             :func:`fusedgpt.kernels.cross_entropy` ("mean" of no kept row is 0).
         chunk_size: tokens per chunk; None sizes chunks so one chunk's logits take at most
@@ -369,7 +419,7 @@ def linear_cross_entropy(
     if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"{op}: weight must have shape (V, {hidden.shape[-1]}) with V >= 1 to match hidden's "
                          f"last dimension, got {tuple(weight.shape)}")
-    check_same_dtype(op, "hidden", hidden, weight=weight, bias=bias)
+    _check_dtypes(op, hidden, weight, bias)
     vocab_size = weight.shape[0]
     if bias is not None and bias.shape != (vocab_size,):
         raise ValueError(f"{op}: bias must have shape ({vocab_size},) to match weight, got {tuple(bias.shape)}")

@@ -169,8 +169,12 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
 ) -> Tensor:
-    """The naive oracle: full logits ``hidden @ weight.T + bias``, then :func:`cross_entropy`."""
-    logits = F.linear(hidden, weight, bias)
+    """The naive oracle: full logits ``hidden @ weight.T + bias``, then :func:`cross_entropy`.
+
+    As the fused op: a weight and bias in another dtype than hidden's (fp32 master weights
+    with half hidden) are cast to hidden's dtype for the matmul; their gradients come back
+    through that cast in their own dtype."""
+    logits = F.linear(hidden, weight.to(hidden.dtype), _cast(bias, hidden.dtype))
     return cross_entropy(logits, target, ignore_index, reduction, label_smoothing, z_loss)
 
 

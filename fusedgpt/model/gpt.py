@@ -45,9 +45,13 @@ def language_model_loss(hidden: Tensor, head_weight: Tensor, targets: Tensor, *,
     ``targets``; hidden (N, C), head_weight (V, C), targets (N,) int64, -100 = ignored."""
     dtype = matmul_dtype(hidden)
     if dtype is not None:
-        # The head matmul in the autocast dtype, as autocast would run an nn.Linear; the op
-        # itself needs hidden and weight in one dtype.
-        hidden, head_weight = hidden.to(dtype), head_weight.to(dtype)
+        # The head matmul in the autocast dtype, as autocast would run an nn.Linear. An fp32
+        # (master) weight goes in as it is: the op casts it once for its matmuls and returns
+        # its gradient in fp32 from its fp32 accumulator, where a cast here would round that
+        # gradient to the autocast dtype on the way back and cast it up again.
+        hidden = hidden.to(dtype)
+        if head_weight.dtype != torch.float32:
+            head_weight = head_weight.to(dtype)
     return linear_cross_entropy(hidden, head_weight, targets, ignore_index=-100, backend=backend)
 
 
@@ -275,7 +279,11 @@ class GPT(nn.Module):
 
         vocab = self.config.vocab_size
         if targets is not None:
-            head = self.lm_head.weight[:vocab]  # padded rows stay out of the softmax
+            head = self.lm_head.weight
+            if head.shape[0] != vocab:
+                # Padded rows stay out of the softmax. Only then: the slice's backward writes
+                # a whole (padded V) x C gradient, zeros and all.
+                head = head[:vocab]
             return language_model_loss(x.reshape(B * T, -1), head, targets.reshape(B * T), backend=self.config.backend)
         if last_only:
             x = x[:, -1:]

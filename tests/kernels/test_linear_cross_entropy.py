@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fusedgpt.kernels import linear_cross_entropy, reference
 from tests.kernels.parity import assert_parity
@@ -344,6 +345,103 @@ def test_bf16_parity_gpu(case):
     )
 
 
+# ------------------------------------------------- fp32 (master) weight, half hidden
+
+# Mixed-precision cases: v, n, reduction, chunk size (None: the default), bias. 50257
+# classes over 7 tokens in chunks of 3; 300 tokens in chunks of 64 (the last one short).
+MIXED_CASES = [(50257, 7, "mean", 3, True), (50257, 7, "none", 3, False), (41, 300, "sum", 64, True),
+               (41, 300, "none", None, True)]
+
+
+def make_mixed_inputs(v, n, bias, hidden_dtype, device) -> dict:
+    """hidden in ``hidden_dtype``, weight and bias fp32: an autocast step's head."""
+    inputs = make_inputs(v, n, "some", -100, torch.float32, bias, device)
+    inputs["hidden"] = inputs["hidden"].to(hidden_dtype)
+    return inputs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", MIXED_CASES, ids=str)
+def test_fp32_weight_with_half_hidden_parity(case, backend, device):
+    """fp16 hidden, fp32 weight and bias: the loss and every gradient against float64
+    (the oracle casts the weight to hidden's dtype as the op does); the weight's and
+    bias's gradients come back fp32, straight from the accumulator. Over several chunks
+    that is a sum of fp16 chunk products, no longer fp16 itself, as it would be after a
+    round trip through fp16 (in one chunk the accumulator holds one fp16 product)."""
+    v, n, reduction, chunk_size, bias = case
+    inputs = make_mixed_inputs(v, n, bias, torch.float16, device)
+    assert_parity(lambda **kw: linear_cross_entropy(**kw, reduction=reduction, chunk_size=chunk_size, backend=backend),
+                  lambda **kw: reference.linear_cross_entropy(**kw, reduction=reduction), inputs)
+    leaves = {k: t.clone().requires_grad_() if t.is_floating_point() else t for k, t in inputs.items()}
+    loss = linear_cross_entropy(**leaves, reduction=reduction, chunk_size=chunk_size, backend=backend)
+    loss.backward(torch.ones_like(loss))
+    assert leaves["hidden"].grad.dtype == torch.float16
+    for name in ("weight", "bias") if bias else ("weight",):
+        grad = leaves[name].grad
+        assert grad.dtype == torch.float32
+        if chunk_size is not None:
+            assert (grad.half().float() != grad).any(), f"grad of {name} went through fp16"
+
+
+class _Casts(TorchDispatchMode):
+    """Records the (input, output) dtypes of every cast of a tensor of ``shape`` that reaches
+    the dispatcher (the fused ops' insides do not: they run below the op)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.casts = tuple(shape), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == self.shape:
+            self.casts.append((args[0].dtype, out.dtype))
+        return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_weight_is_cast_once_per_call(backend, device, monkeypatch):
+    """The master weight is cast to hidden's dtype once, before the chunk loop, which sees
+    only hidden's dtype; its gradient is never cast on the way back."""
+    chunk_dtypes = []
+    chunked = lce_module._chunked
+    monkeypatch.setattr(lce_module, "_chunked", lambda hidden, weight, *a: chunk_dtypes.append(weight.dtype) or
+                        chunked(hidden, weight, *a))
+    inputs = make_mixed_inputs(41, 7, False, torch.float16, device)
+    weight = inputs["weight"].requires_grad_()
+    with _Casts(weight.shape) as recorder:
+        loss = linear_cross_entropy(inputs["hidden"], weight, inputs["target"], chunk_size=2, backend=backend)
+        loss.backward()
+    assert recorder.casts == [(torch.float32, torch.float16)] and chunk_dtypes == [torch.float16]
+    assert weight.grad.dtype == torch.float32
+
+
+def test_fp32_weight_with_half_hidden_compiles(device):
+    inputs = make_mixed_inputs(41, 7, True, torch.float16, device)
+
+    def loss_fn(hidden, weight, target, bias):
+        mean = linear_cross_entropy(hidden, weight, target, bias, chunk_size=3, backend="triton")
+        return mean * 2 + linear_cross_entropy(hidden, weight, target, reduction="none", chunk_size=3,
+                                               backend="triton")
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    assert_parity(compiled, mixed_reference_loss_fn, inputs)
+
+
+def mixed_reference_loss_fn(hidden, weight, target, bias):
+    mean = reference.linear_cross_entropy(hidden, weight, target, bias)
+    return mean * 2 + reference.linear_cross_entropy(hidden, weight, target, reduction="none")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", MIXED_CASES, ids=str)
+def test_fp32_weight_with_bf16_hidden_parity_gpu(case):
+    v, n, reduction, chunk_size, bias = case
+    leaves = make_mixed_inputs(v, n, bias, torch.bfloat16, "cuda")
+    assert_parity(lambda **kw: linear_cross_entropy(**kw, reduction=reduction, chunk_size=chunk_size,
+                                                    backend="triton"),
+                  lambda **kw: reference.linear_cross_entropy(**kw, reduction=reduction), leaves)
+
+
 # ------------------------------------------------------------------ bad input
 
 
@@ -356,7 +454,14 @@ def test_bf16_parity_gpu(case):
         (lambda h, w, t: linear_cross_entropy(h, w[0], t), ValueError, r"weight must have shape \(V, 8\)"),
         (lambda h, w, t: linear_cross_entropy(h, w, t, torch.zeros(10)), ValueError, r"bias must have shape \(11,\)"),
         (lambda h, w, t: linear_cross_entropy(h, w.half(), t), TypeError, "weight must have hidden's dtype"),
-        (lambda h, w, t: linear_cross_entropy(h, w, t, torch.zeros(11).half()), TypeError, "bias must have hidden's"),
+        (lambda h, w, t: linear_cross_entropy(h, w, t, torch.zeros(11).half()), TypeError, "bias must have weight's"),
+        (lambda h, w, t: linear_cross_entropy(h.half(), w.bfloat16(), t), TypeError,
+         r"weight must have hidden's dtype torch.float16 or torch.float32, got torch.bfloat16"),
+        (lambda h, w, t: linear_cross_entropy(h.bfloat16(), w.double(), t), TypeError,
+         "weight must have hidden's dtype torch.bfloat16 or torch.float32"),
+        (lambda h, w, t: linear_cross_entropy(h.double(), w, t), TypeError, "weight must have hidden's dtype"),
+        (lambda h, w, t: linear_cross_entropy(h.half(), w, t, torch.zeros(11).half()), TypeError,
+         "bias must have weight's dtype torch.float32, got torch.float16"),
         (lambda h, w, t: linear_cross_entropy(h.long(), w, t), TypeError, "hidden must be float32"),
         (lambda h, w, t: linear_cross_entropy(h[:, :0], w[:, :0], t), ValueError, "H >= 1"),
         (lambda h, w, t: linear_cross_entropy(h, w.to("meta"), t), ValueError, "one device.*weight on meta"),

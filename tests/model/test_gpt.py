@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from fusedgpt.kernels import reference
 from fusedgpt.model import GPT, PRESETS, GPTConfig, KVCache
 from tests.kernels.parity import assert_parity
 
@@ -161,6 +162,51 @@ def test_autocast_bf16():
     assert logits.dtype == torch.bfloat16
     assert loss.item() == pytest.approx(reference_loss.item(), rel=2e-2)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend, dtype", [("torch", torch.bfloat16), ("triton", torch.float16)])
+def test_autocast_head_gradient_is_fp32_from_the_loss_accumulator(backend, dtype):
+    """Under autocast the head's fp32 weight goes into the fused loss as it is: its gradient
+    is fp32 from the loss's accumulator, never rounded to the autocast dtype on the way back
+    (as a cast of the weight before the loss would), and matches the float64 gradient of
+    the loss of the same rounded hidden and weight. (bf16 runs the torch path on a CPU;
+    fp16 the kernels under the interpreter.)"""
+    torch.manual_seed(0)
+    model = GPT(small_config(backend=backend, tie_weights=False))
+    idx = tokens(2, 9)
+    targets = shifted_targets(idx)
+    captured = {}
+    model.transformer.ln_f.register_forward_hook(lambda module, args, out: captured.update(hidden=out[0].detach()))
+    with torch.autocast("cpu", dtype=dtype):
+        model(idx, targets).backward()
+    grad = model.lm_head.weight.grad
+    assert grad.dtype == torch.float32 and captured["hidden"].dtype == dtype
+    assert (grad.to(dtype).float() != grad).any(), "the head's gradient went through the autocast dtype"
+
+    hidden, flat_targets = captured["hidden"].reshape(-1, model.config.n_embd), targets.reshape(-1)
+    oracle = model.lm_head.weight.detach().to(dtype).double().requires_grad_()
+    reference.linear_cross_entropy(hidden.double(), oracle, flat_targets).backward()
+    eager = model.lm_head.weight.detach().clone().requires_grad_()  # F.linear + cross-entropy, autocast
+    with torch.autocast("cpu", dtype=dtype):
+        reference.linear_cross_entropy(hidden, eager, flat_targets).backward()
+    error = (grad.double() - oracle.grad).abs().max().item()
+    eager_error = (eager.grad.double() - oracle.grad).abs().max().item()
+    assert error <= 2 * eager_error + 1e-6, (error, eager_error)
+
+
+def test_unpadded_head_is_not_sliced():
+    """Without padding the head goes into the loss whole: no slice, so no slice_backward
+    writing a copy of the (V, C) gradient."""
+    model = GPT(small_config(backend="torch"))
+    idx = tokens(2, 9)
+    loss = model(idx, shifted_targets(idx))
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    assert not [node.name() for node in seen if node.name().startswith("Slice")]
 
 
 def test_torch_compile_traces_without_graph_breaks():
