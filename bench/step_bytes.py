@@ -76,7 +76,8 @@ FREE_OPS = {"_unsafe_view", "lift_fresh", "alias", "empty", "empty_strided", "em
 READ_ONLY_ARGUMENTS = {"_fused_adamw_": {"grads"}, "_fused_adam_": {"grads"}}
 
 FUSED_NORM_OPS = {"fusedgpt.layer_norm_fwd", "fusedgpt.layer_norm_bwd"}
-ATTENTION_OPS = {"fusedgpt.flash_attention_fwd", "fusedgpt.flash_attention_bwd"}
+ATTENTION_OPS = {"fusedgpt.flash_attention_fwd", "fusedgpt.flash_attention_bwd",
+                 "fusedgpt.flash_attention_qkvpacked_bwd"}
 LOSS_OPS = {"fusedgpt.linear_cross_entropy_fwd", "fusedgpt.linear_cross_entropy_bwd", "fusedgpt.checked_target",
             "aten._log_softmax", "aten._log_softmax_backward_data", "aten.nll_loss_forward",
             "aten.nll_loss_backward"}
@@ -367,7 +368,10 @@ def attention_kernel_bytes(record: dict) -> int:
     from fusedgpt.kernels.attention import fused_backward_pays, gpu_configs, head_dim_block
 
     q_shape, q_dtype, _ = record["inputs"][0] if record["op"].endswith("fwd") else record["inputs"][1]
-    b, h, t, d = q_shape
+    if "qkvpacked" in record["op"]:  # (B, T, 3, H, D)
+        b, t, _, h, d = q_shape
+    else:
+        b, h, t, d = q_shape
     dtype = getattr(torch, q_dtype)
     row = d * torch.empty((), dtype=dtype).element_size()  # bytes of one token's head in Q, K, V, O
     fused = fused_backward_pays(MODELLED_CAPABILITY, head_dim_block(d), t)
@@ -430,6 +434,7 @@ def linear_cross_entropy_kernel_bytes(record: dict, sms: int = MODELLED_SMS) -> 
 MODELLED_OPS: dict[str, Callable[[dict], int]] = {
     "fusedgpt.flash_attention_fwd": attention_kernel_bytes,
     "fusedgpt.flash_attention_bwd": attention_kernel_bytes,
+    "fusedgpt.flash_attention_qkvpacked_bwd": attention_kernel_bytes,
     "fusedgpt.linear_cross_entropy_fwd": linear_cross_entropy_kernel_bytes,
 }
 

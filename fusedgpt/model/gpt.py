@@ -22,22 +22,31 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fusedgpt.kernels import add_layer_norm, flash_attention, layer_norm, linear_cross_entropy
+from fusedgpt.kernels import (
+    add_layer_norm, flash_attention, flash_attention_qkvpacked, layer_norm, linear_cross_entropy,
+)
 from fusedgpt.model import hf
 from fusedgpt.model.config import GPTConfig
 
 Tensor = torch.Tensor
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float, backend: str,
+def causal_attention(qkv: Tensor, cache: Optional[KVCache], layer: int, *, dropout_p: float, backend: str,
                      packed: Optional[PackedSequences] = None) -> Tensor:
-    """Causal softmax attention of q (B, H, Tq, D) over k, v (B, H, Tk, D) -> (B, H, Tq, D).
+    """Causal softmax attention of the heads of qkv (B, T, 3, H, D) -> (B, H, T, D).
 
-    With ``Tq < Tk`` (decoding with a KV cache) the mask is bottom-right aligned: the last
-    query sees every key. With ``packed`` (B = 1), each sequence attends only within itself.
+    With a KV cache, this step's keys and values are appended to the layer's cached ones,
+    and the mask is bottom-right aligned: the last query sees every key. With ``packed``
+    (B = 1), each sequence attends only within itself.
     """
-    varlen = {} if packed is None else packed.attention_arguments()
-    return flash_attention(q, k, v, causal=True, dropout_p=dropout_p, backend=backend, **varlen)
+    if cache is None:
+        # One packed tensor in and one packed gradient out: the backward writes dq, dk, dv
+        # in place, where three separate ones would be stacked into qkv's gradient.
+        varlen = {} if packed is None else dict(cu_seqlens=packed.cu_seqlens, max_seqlen=packed.max_seqlen)
+        return flash_attention_qkvpacked(qkv, causal=True, dropout_p=dropout_p, backend=backend, **varlen)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    k, v = cache.update(layer, k, v)
+    return flash_attention(q, k, v, causal=True, dropout_p=dropout_p, backend=backend)
 
 
 def language_model_loss(hidden: Tensor, head_weight: Tensor, targets: Tensor, *, backend: str) -> Tensor:
@@ -162,12 +171,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, cache: Optional[KVCache], packed: Optional[PackedSequences]) -> Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        y = causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, backend=self.backend,
-                             packed=packed)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
+        y = causal_attention(qkv, cache, self.layer, dropout_p=self.dropout if self.training else 0.0,
+                             backend=self.backend, packed=packed)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
