@@ -206,10 +206,19 @@ def _attention_make(shape, dtype, device):
     return {name: torch.randn(b, h, t, d, device=device, dtype=dtype) for name in ("q", "k", "v")}
 
 
-def _attention_fused(q, k, v):
-    from fusedgpt.kernels import flash_attention
+def _attention_fused(backward: str = ""):
+    """fusedgpt's attention with the backward the launcher chooses, or ``backward``
+    ("fused", "recompute"): set for the forward, it holds through the harness's backward
+    that follows (providers are timed one after the other)."""
+    def run(q, k, v):
+        from fusedgpt.kernels import flash_attention
+        from fusedgpt.kernels.attention import BACKWARD_ENV
 
-    return flash_attention(q, k, v, causal=True, backend="triton")
+        os.environ.pop(BACKWARD_ENV, None)
+        if backward:
+            os.environ[BACKWARD_ENV] = backward
+        return flash_attention(q, k, v, causal=True, backend="triton")
+    return run
 
 
 def _attention_eager(q, k, v):
@@ -265,7 +274,8 @@ ATTENTION = OpBench(
     },
     make=_attention_make,
     providers={
-        "fusedgpt": _attention_fused, "eager": _attention_eager, "compile": _attention_eager,
+        "fusedgpt": _attention_fused(), "fusedgpt-fused-bwd": _attention_fused("fused"),
+        "fusedgpt-recompute-bwd": _attention_fused("recompute"), "eager": _attention_eager, "compile": _attention_eager,
         "sdpa-flash": _sdpa("FLASH_ATTENTION"), "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),
         "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"), "sdpa-math": _sdpa("MATH"), "flash-attn": _attention_flash_attn,
     },
@@ -310,14 +320,21 @@ def _timed_callable(forward: Callable, inputs: Inputs, mode: str) -> Callable[[]
     return lambda: forward(**inputs).backward(grad)
 
 
+def _restore_environment(environment: dict) -> None:
+    os.environ.clear()
+    os.environ.update(environment)
+
+
 def run_op(name: str, op: OpBench, shapes: str, dtype: torch.dtype, mode: str, device: torch.device,
            smoke: bool) -> list[dict]:
     rows = []
     peaks = gpu_peaks(device)
+    environment = dict(os.environ)  # a provider may set variables for its own run (its forward and backward)
     for shape in op.shapes[shapes]:
         inputs = _leaves(op.make(shape, dtype, device))
         amount, unit = op.work(shape, dtype, mode)
         for provider, forward in op.providers.items():
+            _restore_environment(environment)
             forward = _provider_fn(provider, forward)
             row = dict(op=name, provider=provider, shape="x".join(map(str, shape)), dtype=str(dtype)[6:], mode=mode)
             try:
@@ -342,6 +359,7 @@ def run_op(name: str, op: OpBench, shapes: str, dtype: torch.dtype, mode: str, d
             if device.type == "cuda":
                 row["peak_mem_MiB"] = torch.cuda.max_memory_allocated(device) / 2**20
             rows.append(row)
+    _restore_environment(environment)
     return rows
 
 

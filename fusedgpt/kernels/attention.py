@@ -81,6 +81,7 @@ per query block.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -863,6 +864,18 @@ def fused_backward_pays(capability_major: Optional[int], block_d: int, max_seqle
     return max_seqlen_k >= 2048 or (capability_major < 9 and block_d <= HEAD_DIM_BLOCKS[0])
 
 
+BACKWARD_ENV = "FUSEDGPT_ATTENTION_BACKWARD"
+
+
+def _fused_backward_chosen(capability_major: Optional[int], block_d: int, max_seqlen_k: int) -> bool:
+    """``$FUSEDGPT_ATTENTION_BACKWARD`` ("fused" or "recompute") where set — for measuring
+    both on a GPU — otherwise :func:`fused_backward_pays`."""
+    choice = os.environ.get(BACKWARD_ENV, "")
+    if choice not in ("", "fused", "recompute"):
+        raise ValueError(f"${BACKWARD_ENV} must be 'fused' or 'recompute' (or unset), got {choice!r}")
+    return choice == "fused" if choice else fused_backward_pays(capability_major, block_d, max_seqlen_k)
+
+
 def flash_attention_backward(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
     causal: bool, softmax_scale: float, dropout_p: float, seed: int,
@@ -871,7 +884,8 @@ def flash_attention_backward(
     max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
     grads: Optional[tuple[Tensor, Tensor, Tensor]] = None, fused: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch the backward. Fused (where :func:`fused_backward_pays`): the ``delta``
+    """Launch the backward. Fused (where :func:`fused_backward_pays`, or as
+    ``$FUSEDGPT_ATTENTION_BACKWARD`` says): the ``delta``
     preprocess (which also zeroes an fp32 dQ accumulator), one kernel that computes dK, dV
     and adds each key block's share of dQ into the accumulator with atomics (the five
     products of the backward, each once), and dQ's scaling into q's dtype. Otherwise, and
@@ -894,7 +908,7 @@ def flash_attention_backward(
     block_d = run.meta["BLOCK_D"]
     capability = torch.cuda.get_device_capability(q.device)[0] if q.device.type == "cuda" else None
     if fused is None:
-        fused = not torch.are_deterministic_algorithms_enabled() and fused_backward_pays(capability, block_d, run.max_k)
+        fused = not torch.are_deterministic_algorithms_enabled() and _fused_backward_chosen(capability, block_d, run.max_k)
     delta = torch.empty(b, h, tq, dtype=torch.float32, device=q.device)
     dq_acc = torch.empty(b, h, tq, block_d, dtype=torch.float32, device=q.device) if fused else delta
     rows = (triton.cdiv(tq, DELTA_BLOCK_M), h, b)

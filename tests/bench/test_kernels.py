@@ -36,3 +36,27 @@ def test_gradients_are_checked_unless_the_mode_is_forward_only():
     assert kernels.check_against_reference(kernels.LAYERNORM, _wrong_gradient, _inputs(), "fwd") <= 1.0
     with pytest.raises(AssertionError, match="grad of x"):
         kernels.check_against_reference(kernels.LAYERNORM, _wrong_gradient, _inputs(), "fwd+bwd")
+
+
+def test_attention_providers_time_each_backward_and_leave_the_environment_as_it_was(monkeypatch):
+    from fusedgpt.kernels import attention
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv(attention.BACKWARD_ENV, raising=False)
+    launched = []
+    for name in ("_attn_bwd_fused", "_attn_bwd_dq"):
+        kernel = getattr(attention, name)
+
+        class Spy:
+            def __getitem__(self, grid, name=name, kernel=kernel):
+                launched.append(name)
+                return kernel[grid]
+
+        monkeypatch.setattr(attention, name, Spy())
+    providers = {p: kernels.ATTENTION.providers[p] for p in ("fusedgpt-fused-bwd", "fusedgpt-recompute-bwd")}
+    op = kernels.OpBench(shapes={"one": [(1, 2, 17, 16)]}, make=kernels.ATTENTION.make, providers=providers,
+                         reference=kernels.ATTENTION.reference, work=kernels.ATTENTION.work)
+    rows = kernels.run_op("attention", op, "one", torch.float32, "bwd", torch.device("cpu"), smoke=True)
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows
+    assert set(launched) == {"_attn_bwd_fused", "_attn_bwd_dq"}
+    assert attention.BACKWARD_ENV not in __import__("os").environ

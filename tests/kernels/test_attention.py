@@ -347,6 +347,14 @@ def test_backward_path_follows_torch_determinism(deterministic, device, monkeypa
     assert launched == expected
 
 
+def test_backward_env_choice_is_checked(device, monkeypatch):
+    inputs = {k: v.requires_grad_() for k, v in _qkv(1, 2, 20, 20, 16, F32, device).items()}
+    monkeypatch.setenv(attention_module.BACKWARD_ENV, "both")
+    out = flash_attention(**inputs, backend="triton")
+    with pytest.raises(ValueError, match="must be 'fused' or 'recompute'"):
+        out.sum().backward()
+
+
 def test_fused_and_deterministic_backward_agree(device):
     inputs = _qkv(2, 4, 77, 77, 48, F32, device, h_kv=2)
     grads = []
