@@ -340,19 +340,21 @@ def rotary_cache(
 
 def aot_variants(dtype: torch.dtype, workload=None) -> list:
     """The rotation of ``workload``'s (default gpt2) q and k as training runs it, recorded
-    from the launcher on meta tensors: q and k (B, T, H, D) views of one packed (B, T, 3C)
-    projection, positions 0..T-1; forward, and the backward's inverse rotation of the
-    contiguous output gradients."""
+    from the launcher on meta tensors: q (B, T, H, D) and k (B, T, H_kv, D) views of one
+    packed (B, T, (H + 2 H_kv) D) projection (H_kv = H but for grouped-query workloads),
+    positions 0..T-1; forward, and the backward's inverse rotation of the contiguous output
+    gradients."""
     import sys
 
     from fusedgpt.kernels import compile_report as cr
 
     workload = workload or cr.WORKLOADS["gpt2"]
     b, t, h, d = workload.batch, workload.seq, workload.heads, workload.head_dim
+    h_kv = workload.key_value_heads
     item = torch.empty((), dtype=dtype).element_size()
-    qkv = cr.meta_tensor(b, t, 3 * h, d, dtype=dtype)
-    q, k = qkv[:, :, :h], qkv[:, :, h:2 * h]
-    dq, dk = cr.meta_tensor(b, t, h, d, dtype=dtype), cr.meta_tensor(b, t, h, d, dtype=dtype)
+    qkv = cr.meta_tensor(b, t, h + 2 * h_kv, d, dtype=dtype)
+    q, k = qkv[:, :, :h], qkv[:, :, h:h + h_kv]
+    dq, dk = cr.meta_tensor(b, t, h, d, dtype=dtype), cr.meta_tensor(b, t, h_kv, d, dtype=dtype)
     cos, sin = cr.meta_tensor(t, d // 2, dtype=torch.float32), cr.meta_tensor(t, d // 2, dtype=torch.float32)
     module = sys.modules[__name__]
     with cr.launches(module, "_rotary_kernel") as forward:
