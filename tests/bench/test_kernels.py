@@ -1,10 +1,13 @@
 """bench.kernels checks each provider with the tests' parity measure before timing it."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from bench import kernels
+from tests.kernels.launches import record_launches
 
 
 def _inputs():
@@ -43,20 +46,11 @@ def test_attention_providers_time_each_backward_and_leave_the_environment_as_it_
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv(attention.BACKWARD_ENV, raising=False)
-    launched = []
-    for name in ("_attn_bwd_fused", "_attn_bwd_dq"):
-        kernel = getattr(attention, name)
-
-        class Spy:
-            def __getitem__(self, grid, name=name, kernel=kernel):
-                launched.append(name)
-                return kernel[grid]
-
-        monkeypatch.setattr(attention, name, Spy())
+    launched = record_launches(monkeypatch, attention, ("_attn_bwd_fused", "_attn_bwd_dq"))
     providers = {p: kernels.ATTENTION.providers[p] for p in ("fusedgpt-fused-bwd", "fusedgpt-recompute-bwd")}
     op = kernels.OpBench(shapes={"one": [(1, 2, 17, 16)]}, make=kernels.ATTENTION.make, providers=providers,
                          reference=kernels.ATTENTION.reference, work=kernels.ATTENTION.work)
     rows = kernels.run_op("attention", op, "one", torch.float32, "bwd", torch.device("cpu"), smoke=True)
     assert [r["status"] for r in rows] == ["ok", "ok"], rows
     assert set(launched) == {"_attn_bwd_fused", "_attn_bwd_dq"}
-    assert attention.BACKWARD_ENV not in __import__("os").environ
+    assert attention.BACKWARD_ENV not in os.environ

@@ -13,6 +13,7 @@ import torch
 from fusedgpt.kernels import flash_attention, flash_attention_qkvpacked, reference
 from fusedgpt.kernels import attention as attention_module
 from fusedgpt.kernels.backend import BackendUnavailableError
+from tests.kernels.launches import record_launches
 from tests.kernels.parity import assert_parity
 
 F32, F16 = torch.float32, torch.float16
@@ -328,16 +329,9 @@ def test_backward_path_follows_torch_determinism(deterministic, device, monkeypa
     # Fused: one kernel adds dq into an fp32 accumulator with atomics (the 5 products once);
     # recompute (always when deterministic): the dK/dV kernel, then the dQ kernel (a fixed
     # summation order).
-    launched = []
-    for name in ("_attn_bwd_fused", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_dq_out_kernel"):
-        kernel = getattr(attention_module, name)
-
-        class Spy:
-            def __getitem__(self, grid, name=name, kernel=kernel):
-                launched.append(name)
-                return kernel[grid]
-
-        monkeypatch.setattr(attention_module, name, Spy())
+    launched = record_launches(
+        monkeypatch, attention_module, ("_attn_bwd_fused", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_dq_out_kernel")
+    )
     inputs = {k: v.requires_grad_() for k, v in _qkv(1, 2, 40, 40, 16, F32, device).items()}
     with deterministic_algorithms(deterministic):
         flash_attention(**inputs, backend="triton").sum().backward()
