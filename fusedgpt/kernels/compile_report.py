@@ -767,6 +767,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The `fusedgpt kernels inspect` command. Exit status 1 when a row is unhealthy."""
+    from fusedgpt.kernels.triton_compat import TRITON_IMPORT_ERROR
+
+    if TRITON_IMPORT_ERROR:
+        raise _backend.BackendUnavailableError(f"the compile report needs Triton: {TRITON_IMPORT_ERROR}")
     if _backend.interpreter_on():
         # The interpreter replaces @triton.jit kernels with Python stand-ins that cannot be
         # compiled; the report runs in a child process without it.

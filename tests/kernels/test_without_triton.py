@@ -73,6 +73,9 @@ for name, (call, expected) in calls.items():
 with pytest.raises(BackendUnavailableError, match="Triton cannot be imported"):
     layernorm._layer_norm_fwd_kernel[(1,)](x)
 
+# The compile report says why it cannot run, as a CLI error (exit 2), not a traceback.
+assert fusedgpt.cli.main(["kernels", "inspect", "--op", "layernorm"]) == 2
+
 model = GPT(GPTConfig.from_preset("tiny"))
 idx = torch.randint(0, 100, (2, 8))
 model(idx, idx).backward()
