@@ -11,7 +11,13 @@ a tenth of the peak rate over all fine-tuning steps; gradient clipping; and its 
 (``fusedgpt.train.runlog``): ``OUT/metrics.jsonl``, a progress bar, ``OUT/loss.png``. The result
 is an ordinary training checkpoint (``OUT/ckpt_NNNNNNNN/``, written atomically by
 ``fusedgpt.io.checkpoint``) whose ``meta.json`` also records the task (``classify`` or
-``instruct``), the tokenizer and, for unmerged adapters, the LoRA configuration.
+``instruct``), the tokenizer, the options (:class:`FinetuneConfig`) and, for unmerged
+adapters, the LoRA configuration.
+
+With ``deterministic`` the training runs under pretraining's
+:func:`~fusedgpt.train.trainer.deterministic_algorithms`, which makes a run bitwise
+reproducible on a GPU too: by default the Triton attention backward adds dQ with atomics,
+whose last bits vary from run to run.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from fusedgpt.train.data import absolute_path
 from fusedgpt.train.lora import GROUPS, LAYERS, LoRAConfig, apply_lora, parameter_counts
 from fusedgpt.train.optim import Optimization
 from fusedgpt.train.runlog import RunLog
-from fusedgpt.train.trainer import TrainingDiverged, check_seed
+from fusedgpt.train.trainer import TrainingDiverged, check_seed, deterministic_algorithms
 
 PathLike = Union[str, os.PathLike]
 # batch_loss(example indices) -> (mean loss to minimise, sums to report for the epoch)
@@ -50,7 +56,9 @@ EndEpoch = Callable[[int, dict[str, float], RunLog], dict[str, Any]]
 @dataclass
 class FinetuneConfig:
     """The optimisation shared by both commands: ``epochs`` passes over the training set
-    in batches of ``batch_size``, reshuffled each epoch from ``seed``."""
+    in batches of ``batch_size``, reshuffled each epoch from ``seed``; with
+    ``deterministic``, under :func:`~fusedgpt.train.trainer.deterministic_algorithms`
+    (False leaves the process's setting as it is)."""
 
     epochs: int = 2
     batch_size: int = 8
@@ -61,6 +69,7 @@ class FinetuneConfig:
     seed: int = 0
     lora: Optional[LoRAConfig] = None
     merge: bool = False
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -144,7 +153,10 @@ def train(model: torch.nn.Module, cfg: FinetuneConfig, num_examples: int, batch_
     log)`` gets those sums added up over the epoch, evaluates (leaving the model in train
     mode or not touching it), may print through ``log`` and returns the epoch's record.
     Every step and every epoch is recorded in ``OUT/metrics.jsonl`` and plotted to
-    ``OUT/loss.png`` (:class:`~fusedgpt.train.runlog.RunLog`).
+    ``OUT/loss.png`` (:class:`~fusedgpt.train.runlog.RunLog`). With ``cfg.deterministic``,
+    every step and evaluation runs under :func:`~fusedgpt.train.trainer.deterministic_algorithms`,
+    as a pretraining run does; the commands make no CUDA matmul before it, as cuBLAS's
+    workspace setting requires.
 
     Raises:
         TrainingDiverged: a non-finite loss or gradient norm (the step is not taken).
@@ -154,7 +166,7 @@ def train(model: torch.nn.Module, cfg: FinetuneConfig, num_examples: int, batch_
     trainable = [p for p in model.parameters() if p.requires_grad]
     step, epochs = 0, []
     with RunLog(out, total_steps=optimization.max_steps, desc="fine-tuning", title=title, progress=progress,
-                record_files=True) as log:
+                record_files=True) as log, deterministic_algorithms(cfg.deterministic, device):
         for epoch in range(1, cfg.epochs + 1):
             model.train()
             sums: dict[str, float] = defaultdict(float)
@@ -249,6 +261,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, out: str, epochs: int, bat
     opt.add_argument("--warmup-steps", type=int, default=10, help="linear warmup steps")
     opt.add_argument("--grad-clip", type=float, default=1.0, help="0: no clipping")
     opt.add_argument("--seed", type=int, default=0, help="seed for the head/adapters, batch order and splits")
+    opt.add_argument("--deterministic", action="store_true",
+                     help="bitwise reproducible on a GPU too: torch.use_deterministic_algorithms (no atomics in the "
+                          "attention backward; may be slower), and CUBLAS_WORKSPACE_CONFIG=:4096:8 where unset")
     opt.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_device_arguments(parser)
     lora = parser.add_argument_group("LoRA (low-rank adapters; the base weights stay frozen)")
@@ -269,7 +284,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         raise ValueError("--lora-alpha needs --lora-rank")
     return FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                           warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, seed=args.seed, lora=lora,
-                          merge=args.merge)
+                          merge=args.merge, deterministic=args.deterministic)
 
 
 def base_from_args(args: argparse.Namespace) -> Base:
