@@ -46,14 +46,16 @@ recomputed from Q, K and the saved L (``P = exp2(S log2 e - L log2 e)``), never 
 One kernel owns a key block of a key/value head and loops over the query heads of its
 group and, for each, the query blocks that see the key block (``_query_range``),
 accumulating dK and dV in registers: the group's sum is formed in a fixed order, with no
-atomics and no per-query-head copy. Each of the five products is computed once: the
-kernel also forms this key block's share of dQ (dS^T's transpose times K) and adds it with
-atomics into an fp32 accumulator that the preprocess zeroed; a last small kernel scales
-it into dQ. Atomics make dQ's summation order, and so its last bits, vary from run to run.
-Under ``torch.use_deterministic_algorithms(True)`` the backward instead runs the dK/dV
-kernel without dQ and a second kernel that owns a query block and loops over the key blocks
-it sees, recomputing S and dP to accumulate dQ in registers (seven products, a fixed order,
-bitwise reproducible). Every kernel skips hidden blocks.
+atomics and no per-query-head copy. Two backwards share that kernel. Fused: each of the
+five products is computed once, the kernel also forming this key block's share of dQ (dS K)
+and adding it with atomics into an fp32 accumulator that the preprocess zeroed; a last
+small kernel scales it into dQ. Atomics make dQ's summation order, and so its last bits,
+vary from run to run. Recompute: the kernel leaves dQ to a second kernel that owns a query
+block and loops over the key blocks it sees, recomputing S and dP to accumulate dQ in
+registers (seven products, a fixed order, bitwise reproducible). The launcher takes the
+fused one where the static cost model rates it cheaper (``fused_backward_pays``), the
+recompute one otherwise and always under ``torch.use_deterministic_algorithms(True)``.
+Every kernel skips hidden blocks.
 
 Dropout draws Philox random numbers (the generator behind ``tl.rand``) keyed by ``seed``
 with the counter (key j, query i, batch*H + head, 0) — positions along the packed rows for
@@ -74,7 +76,7 @@ IO per (batch, head): the forward reads Q once and K, V once per query block, an
 and L. The backward reads O and dO once (delta, zeroing the T x D fp32 dQ accumulator);
 the dK/dV kernel reads K, V once and Q, dO once per key block and query head of the group,
 and adds into the accumulator once per key block; dQ's scaling reads the accumulator and
-writes dQ. The deterministic backward's dQ kernel instead reads Q, dO once and K, V once
+writes dQ. The recompute backward's dQ kernel instead reads Q, dO once and K, V once
 per query block.
 """
 
@@ -638,7 +640,7 @@ def _config(block_m: int, block_n: int, num_warps: int, num_stages: int, maxnreg
 # BLOCK_M is always the query block and BLOCK_N the key block. The forward and dQ kernels
 # own a query block and loop over key blocks; the dK/dV kernel owns a key block and loops
 # over query blocks, with its own lists for the fused backward ("bwd", which also forms dQ)
-# and the deterministic one ("dkdv"). In every config the owned block is at least as large as the looped
+# and the recompute one ("dkdv"). In every config the owned block is at least as large as the looped
 # one, so a program crosses the causal diagonal in at most two masked tiles; the kernels'
 # bounds are exact for any pair of blocks, so causal needs no further pruning.
 #
@@ -1392,7 +1394,7 @@ def aot_variants(dtype: torch.dtype, workload=None) -> list:
                         per_iteration, loops = launch.args["BLOCK_M"] * per_head / t, "sequence"
                         show = ("BLOCK_M", "BLOCK_D")
                     name = cr.python_function(launch.kernel).__name__
-                    # The fused and the deterministic backward's builds of the shared kernels.
+                    # The fused and the recompute backward's builds of the shared kernels.
                     show += tuple(flag for flag in ("ACCUMULATE_DQ", "ZERO_DQ_ACC") if flag in launch.args)
                     work = min_bytes[name, fused and name != "_attn_fwd_kernel"] / per_head
                     found.append(cr.jit_variant(
