@@ -82,6 +82,7 @@ per query block.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Optional
@@ -658,9 +659,8 @@ def _config(block_m: int, block_n: int, num_warps: int, num_stages: int, maxnreg
 # 128 keys (16 rows per warp) split them, at 16 queries a step to stay within registers.
 # The fused backward holds dQ's product too: 32 x 64 with 4 warps (both architectures, no
 # duplicated product) and 32 x 128 with 8 (sm_90) at D=64; at D=128, 16 x 64 with 4 warps,
-# single-stage, ties the best build without a spill on each architecture (on sm_80 its
-# warps still compute some products twice; 64 x 64 would not, but spills on sm_90, and the
-# lists serve both).
+# single-stage, sm_90's best build without a spill (sm_80 has its own list below: there
+# these warps would compute some products twice).
 _D64_DROPOUT = {
     "fwd": [_config(64, 32, 4, 2), _config(128, 64, 8, 3)],
     "bwd": [_config(32, 64, 4, 2), _config(32, 128, 8, 2)],
@@ -683,6 +683,14 @@ HALF_CONFIGS = {  # (head-dim block, dropout) -> kind -> configs
     # length, and with every feature on (grouped-query, window, soft-cap, packed) builds
     # without the 64x32 build's spill on sm_80; with dropout it spills, 64x32 does not.
     (128, False): {**_D128_DROPOUT, "dq": [_config(128, 32, 8, 2)]},
+}
+# Per architecture (compute capability major), where one list cannot serve both: the fused
+# backward at D=128 on sm_80, whose 64 x 64 tiles over 8 warps split every product between
+# the warps (MMA redundancy 1.00, against 1.40 for the shared list's 16 x 64) without a
+# spill — on sm_90 the same build spills.
+ARCH_HALF_CONFIGS = {  # (capability major, head-dim block, dropout) -> kind -> configs
+    (8, 128, False): {"bwd": [_config(64, 64, 8, 2)]},
+    (8, 128, True): {"bwd": [_config(64, 64, 8, 1)]},
 }
 # True fp32 multiplies on CUDA cores hold whole operand rows in registers: small tiles,
 # for every head-dim block; single-stage, except dQ, whose single-stage build spilled 8 B
@@ -716,13 +724,15 @@ def head_dim_block(head_dim: int) -> int:
 
 
 def gpu_configs(kind: str, dtype: torch.dtype, block_d: int, dropout: bool,
-                features: bool = False) -> list[triton.Config]:
-    """The autotune list of kernel ``kind`` ("fwd", "dkdv", "dq") for inputs of ``dtype``,
-    head-dim block ``block_d``, with or without ``dropout``; ``features``: a window,
-    soft-capping or packed sequences (any of them) on."""
+                features: bool = False, capability: Optional[int] = None) -> list[triton.Config]:
+    """The autotune list of kernel ``kind`` ("fwd", "bwd", "dkdv", "dq") for inputs of
+    ``dtype``, head-dim block ``block_d``, with or without ``dropout``; ``features``: a
+    window, soft-capping or packed sequences (any of them) on; ``capability``: the GPU's
+    compute capability major, for the lists made for one architecture (None: the shared
+    ones)."""
     if dtype == torch.float32:
         return FP32_CONFIGS[kind]
-    configs = HALF_CONFIGS[block_d, dropout][kind]
+    configs = ARCH_HALF_CONFIGS.get((capability, block_d, dropout), {}).get(kind) or HALF_CONFIGS[block_d, dropout][kind]
     if not features:
         return configs
     # The features' index arithmetic and masks hold registers the tuned lists leave no room
@@ -732,6 +742,18 @@ def gpu_configs(kind: str, dtype: torch.dtype, block_d: int, dropout: bool,
     return [_config(small.kwargs["BLOCK_M"], small.kwargs["BLOCK_N"], small.num_warps, 1, small.maxnreg)]
 
 
+# The architecture aot_variants is listing launches for (their tensors are on no GPU).
+_listed_capability: Optional[int] = None
+
+
+def _capability(tensor: Tensor) -> Optional[int]:
+    """The compute capability major of the GPU ``tensor`` is on; off a GPU, the one
+    aot_variants is listing for, or None."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.get_device_capability(tensor.device)[0]
+    return _listed_capability
+
+
 def _prune(kind: str):
     """Autotune pruning for ``kind``: the configs for the dtype, head-dim block, dropout and
     features, with blocks no larger than the padded sequence length they tile (down to the
@@ -739,7 +761,8 @@ def _prune(kind: str):
 
     def prune(configs, named_args, **kwargs):
         features = kwargs["WINDOWED"] or kwargs["SOFTCAP"] or kwargs["VARLEN"]
-        pool = gpu_configs(kind, named_args["Q"].dtype, kwargs["BLOCK_D"], kwargs["HAS_DROPOUT"], features)
+        q = named_args["Q"]
+        pool = gpu_configs(kind, q.dtype, kwargs["BLOCK_D"], kwargs["HAS_DROPOUT"], features, _capability(q))
         smallest_m = min(c.kwargs["BLOCK_M"] for c in pool)
         smallest_n = min(c.kwargs["BLOCK_N"] for c in pool)
         return [
@@ -756,7 +779,8 @@ def _autotuned(kind: str, kernel):
         configs = INTERPRETER_CONFIGS[kind]
     else:
         # Specialisations share some lists: each config once.
-        half = {id(c): c for by_kind in HALF_CONFIGS.values() for c in by_kind[kind]}
+        lists = [*HALF_CONFIGS.values(), *ARCH_HALF_CONFIGS.values()]
+        half = {id(c): c for by_kind in lists for c in by_kind.get(kind, [])}
         configs = FP32_CONFIGS[kind] + list(half.values())
     return triton.autotune(
         configs=configs,
@@ -857,13 +881,14 @@ def fused_backward_pays(capability_major: Optional[int], block_d: int, max_seqle
     accumulator (zeroed, added into, read back: about 16 bytes per query-row element)
     instead of the dQ kernel's reads; the saving grows with the keys a row sees. The rule is
     the static cost model's verdict (``python -m bench.static --op attention``, gpt2, d128
-    and llama3.2-1b workloads): fused on sm_80 at D <= 64, and from 2048 keys on; at 1024
-    keys the recompute backward is modelled cheaper on sm_90 (HBM-bound accumulator traffic
-    against H100's faster tensor cores) and at D = 128 (whose fused build cannot split its
-    products between warps on sm_80 without spilling on sm_90). A model, not a timing."""
+    and llama3.2-1b workloads): fused on sm_80, and from 2048 keys on; at 1024 keys on
+    sm_90 the recompute backward is modelled cheaper (the accumulator's traffic, HBM-bound,
+    against H100's faster tensor cores). ``block_d`` takes no part in it today (the fused
+    lists split every product between warps at both head-dim blocks on sm_80). A model,
+    not a timing: ``$FUSEDGPT_ATTENTION_BACKWARD`` lets a GPU time both."""
     if capability_major is None:
         return True
-    return max_seqlen_k >= 2048 or (capability_major < 9 and block_d <= HEAD_DIM_BLOCKS[0])
+    return max_seqlen_k >= 2048 or capability_major < 9
 
 
 BACKWARD_ENV = "FUSEDGPT_ATTENTION_BACKWARD"
@@ -908,7 +933,7 @@ def flash_attention_backward(
         return dq, dk, dv
     run = _Launch(q, k, causal, dropout_p, window, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     block_d = run.meta["BLOCK_D"]
-    capability = torch.cuda.get_device_capability(q.device)[0] if q.device.type == "cuda" else None
+    capability = _capability(q)
     if fused is None:
         fused = not torch.are_deterministic_algorithms_enabled() and _fused_backward_chosen(capability, block_d, run.max_k)
     delta = torch.empty(b, h, tq, dtype=torch.float32, device=q.device)
@@ -1384,7 +1409,7 @@ def aot_variants(dtype: torch.dtype, workload=None) -> list:
                 backward["bwd-fused" if fused else "bwd-recompute"] = recorded
             for pass_, recorded in (("fwd", forward), *backward.items()):
                 fused = pass_ == "bwd-fused"
-                for launch in (x for r in recorded for x in cr.expand(r)):
+                for launch, archs in _expanded_per_architecture(recorded):
                     if "BLOCK_N" in launch.args:  # the main kernels: BLOCK_M x BLOCK_N pairs per iteration
                         per_iteration, loops = launch.args["BLOCK_M"] * launch.args["BLOCK_N"] / 1024, "alternatives"
                         show = shown
@@ -1397,8 +1422,31 @@ def aot_variants(dtype: torch.dtype, workload=None) -> list:
                     # The fused and the recompute backward's builds of the shared kernels.
                     show += tuple(flag for flag in ("ACCUMULATE_DQ", "ZERO_DQ_ACC") if flag in launch.args)
                     work = min_bytes[name, fused and name != "_attn_fwd_kernel"] / per_head
-                    found.append(cr.jit_variant(
+                    found.append(dataclasses.replace(cr.jit_variant(
                         "attention", pass_, launch, workload=workload, show=show,
                         work=cr.Work("1K pairs", per_iteration, work, mma_flops[pass_], loops),
-                    ))
+                    ), archs=archs))
     return found
+
+
+def _expanded_per_architecture(recorded: list) -> list:
+    """``(launch, archs)`` for each launch the recorded ones expand into (one per autotune
+    config kept): ``archs`` () where sm_80 and sm_90 keep the config alike, else the one
+    architecture whose list has it (``ARCH_HALF_CONFIGS``)."""
+    global _listed_capability
+    from fusedgpt.kernels import compile_report as cr
+
+    def key(launch) -> tuple:
+        args = tuple((name, id(value) if isinstance(value, Tensor) else value) for name, value in launch.args.items())
+        return launch.kernel, args, tuple(sorted(launch.options.items()))
+
+    per_arch = {}
+    try:
+        for capability in (8, 9):
+            _listed_capability = capability
+            per_arch[f"sm_{capability}0"] = [x for r in recorded for x in cr.expand(r)]
+    finally:
+        _listed_capability = None
+    everywhere = {key(x) for x in per_arch["sm_80"]} & {key(x) for x in per_arch["sm_90"]}
+    found = [(x, ()) for x in per_arch["sm_80"] if key(x) in everywhere]
+    return found + [(x, (arch,)) for arch, launches in per_arch.items() for x in launches if key(x) not in everywhere]

@@ -221,6 +221,7 @@ class KernelVariant:
     impl: str = "fusedgpt"
     workload: str = "gpt2"
     options: dict = dataclasses.field(default_factory=dict)
+    archs: tuple = ()  # the architectures this launch is made for (a per-architecture config); () = all
 
 
 @dataclasses.dataclass
@@ -704,8 +705,9 @@ def report(
         raise ValueError(f"unknown architecture(s) {unknown}; known: {sorted(ARCHS)}")
     kwargs = source_kwargs if source_kwargs is not None else dict(
         ops=ops, dtypes=list(dtypes), workload_name=workload(workload_name).name)
-    count = len(_listed(source, kwargs))
-    jobs = [(source, kwargs, index, arch) for index in range(count) for arch in archs]
+    listed = _listed(source, kwargs)
+    jobs = [(source, kwargs, index, arch) for index, variant in enumerate(listed) for arch in archs
+            if not variant.archs or arch in variant.archs]
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         return list(pool.map(_compile_job, jobs))
 

@@ -320,8 +320,8 @@ def test_parity_features(case, deterministic, device):
 def test_fused_backward_where_the_cost_model_rates_it_cheaper():
     pays = attention_module.fused_backward_pays
     assert pays(None, 128, 1)  # the interpreter runs the fused backward
-    assert pays(8, 64, 1024) and not pays(8, 128, 1024) and not pays(9, 64, 1024) and not pays(9, 128, 1024)
-    assert pays(9, 64, 2048) and pays(9, 128, 4096) and pays(8, 128, 2048)
+    assert pays(8, 64, 1024) and pays(8, 128, 1024) and not pays(9, 64, 1024) and not pays(9, 128, 1024)
+    assert pays(9, 64, 2048) and pays(9, 128, 4096)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -573,6 +573,12 @@ def test_configs_suit_the_hardware_and_the_causal_diagonal():
             owned, looped = ("BLOCK_N", "BLOCK_M") if kind in KEY_BLOCK_KINDS else ("BLOCK_M", "BLOCK_N")
             for c in configs:
                 assert c.kwargs[owned] >= max(64, c.kwargs[looped]) and c.num_warps % 4 == 0, (specialisation, kind, c)
+    for (capability, block_d, dropout), by_kind in attention_module.ARCH_HALF_CONFIGS.items():
+        assert capability in (8, 9) and (block_d, dropout) in attention_module.HALF_CONFIGS
+        for kind, configs in by_kind.items():
+            assert kind in KEY_BLOCK_KINDS, kind  # (an owned-query list would need the other check)
+            for c in configs:
+                assert c.kwargs["BLOCK_N"] >= max(64, c.kwargs["BLOCK_M"]) and c.num_warps % 4 == 0, c
     for kind, configs in {**attention_module.FP32_CONFIGS, **attention_module.INTERPRETER_CONFIGS}.items():
         owned, looped = ("BLOCK_N", "BLOCK_M") if kind in KEY_BLOCK_KINDS else ("BLOCK_M", "BLOCK_N")
         assert all(c.kwargs[owned] >= c.kwargs[looped] for c in configs), kind
@@ -593,6 +599,26 @@ def test_autotune_pruning_by_shape(dtype):
                 assert prune(pool, dict(Q=q, q_bucket=8192, k_bucket=8192), **meta) == pool
                 decode = prune(pool, dict(Q=q, q_bucket=1, k_bucket=8192), **meta)
                 assert all(c.kwargs["BLOCK_M"] == small[0].kwargs["BLOCK_M"] for c in decode)
+
+
+def test_per_architecture_lists_are_pruned_by_the_gpu_and_listed_for_it(monkeypatch):
+    # sm_80's own fused-backward list at D=128; sm_90 and other kinds keep the shared ones.
+    q = torch.empty(0, dtype=F16)
+    meta = dict(BLOCK_D=128, HAS_DROPOUT=False, WINDOWED=False, SOFTCAP=False, VARLEN=False)
+    kept = {}
+    for capability in (8, 9):
+        monkeypatch.setattr(attention_module, "_listed_capability", capability)
+        pool = attention_module.gpu_configs("bwd", F16, 128, False, capability=capability)
+        kept[capability] = attention_module._prune("bwd")(pool, dict(Q=q, q_bucket=4096, k_bucket=4096), **meta)
+    assert kept[8] == attention_module.ARCH_HALF_CONFIGS[8, 128, False]["bwd"]
+    assert kept[9] == attention_module.HALF_CONFIGS[128, False]["bwd"]
+    monkeypatch.setattr(attention_module, "_listed_capability", None)
+    from fusedgpt.kernels import compile_report
+
+    variants = attention_module.aot_variants(F16, compile_report.WORKLOADS["d128"])
+    tagged = {(v.archs, v.config["BLOCK_M"], v.config["BLOCK_N"]) for v in variants if v.archs}
+    assert (("sm_80",), 64, 64) in tagged and (("sm_90",), 16, 64) in tagged
+    assert all(v.pass_ == "bwd-fused" for v in variants if v.archs)
 
 
 @pytest.mark.parametrize("feature", ["WINDOWED", "SOFTCAP", "VARLEN"])
@@ -632,7 +658,7 @@ def test_compile_report_covers_every_config(report_rows):
 
     expected = {
         (v.kernel.__name__, str(v.config), arch)
-        for name in DTYPES for v in attention_module.aot_variants(DTYPES[name]) for arch in ("sm_80", "sm_90")
+        for name in DTYPES for v in attention_module.aot_variants(DTYPES[name]) for arch in v.archs or ("sm_80", "sm_90")
     }
     seen = {(r["kernel"], str({"dtype": r["dtype"], **r["config"]}), r["arch"]) for r in report_rows}
     assert seen == expected and len(report_rows) == len(expected)
