@@ -1,4 +1,5 @@
-"""Shared fixtures for the training tests: a small prepared corpus and a tiny run config."""
+"""Shared fixtures for the training tests: a small prepared corpus, a tiny run config, and
+the process's deterministic-algorithms setting restored after every test."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
 from fusedgpt.model.tokenizer import shakespeare_path
 from fusedgpt.train.data import prepare
@@ -60,3 +62,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def deterministic_setting() -> tuple[bool, bool]:
+    """torch's deterministic-algorithms setting: (on, warn only)."""
+    return torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+
+
+@pytest.fixture(autouse=True)
+def keeps_the_deterministic_setting():
+    """Whatever a test does (a --deterministic run included), the next one starts with the
+    process's setting as it was."""
+    before = deterministic_setting()
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])

@@ -11,21 +11,9 @@ import torch
 from fusedgpt.cli import build_parser
 from fusedgpt.train.trainer import Trainer, config_from_args, deterministic_algorithms, resolve_config
 
-from .conftest import tiny_config
+from .conftest import deterministic_setting, tiny_config
 
 CUBLAS = "CUBLAS_WORKSPACE_CONFIG"
-
-
-def setting() -> tuple[bool, bool]:
-    return torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-
-
-@pytest.fixture(autouse=True)
-def keeps_the_global_setting():
-    """Whatever a test does, the next one starts with the process's setting as it was."""
-    before = setting()
-    yield
-    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 class Recording(Trainer):
@@ -36,11 +24,11 @@ class Recording(Trainer):
         self.seen: list[tuple[bool, bool]] = []
 
     def train_step(self, step):
-        self.seen.append(setting())
+        self.seen.append(deterministic_setting())
         return super().train_step(step)
 
     def evaluate(self):
-        self.seen.append(setting())
+        self.seen.append(deterministic_setting())
         return super().evaluate()
 
 
@@ -55,21 +43,21 @@ def test_a_deterministic_run_is_strict_throughout_and_restores_the_setting(corpu
     trainer = Recording(tiny_config(corpus_dir, tmp_path, max_steps=2, deterministic=True))
     trainer.run()
     assert trainer.seen and set(trainer.seen) == {(True, False)}  # strict: not warn_only
-    assert setting() == (True, True)
+    assert deterministic_setting() == (True, True)
 
     torch.use_deterministic_algorithms(False)
     failing = Recording(tiny_config(corpus_dir, tmp_path / "failing", deterministic=True))
     failing.train_step = lambda step: 1 / 0
     with pytest.raises(ZeroDivisionError):
         failing.run()
-    assert setting() == (False, False)
+    assert deterministic_setting() == (False, False)
 
 
 def test_without_the_option_the_callers_setting_stands(corpus_dir, tmp_path):
     torch.use_deterministic_algorithms(True)
     trainer = Recording(tiny_config(corpus_dir, tmp_path, max_steps=1))
     trainer.run()
-    assert set(trainer.seen) == {(True, False)} and setting() == (True, False)
+    assert set(trainer.seen) == {(True, False)} and deterministic_setting() == (True, False)
 
 
 def test_the_option_is_stored_and_kept_on_resume(corpus_dir, tmp_path):
@@ -82,7 +70,7 @@ def test_the_option_is_stored_and_kept_on_resume(corpus_dir, tmp_path):
 
 
 def test_cuda_gets_a_reproducible_cublas_workspace(monkeypatch):
-    before = setting()
+    before = deterministic_setting()
     monkeypatch.delenv(CUBLAS, raising=False)
     with deterministic_algorithms(True, torch.device("cpu")):
         assert CUBLAS not in os.environ
@@ -97,4 +85,4 @@ def test_cuda_gets_a_reproducible_cublas_workspace(monkeypatch):
     with pytest.raises(ValueError, match="CUBLAS_WORKSPACE_CONFIG unset or one of :4096:8, :16:8; it is ':0:0'"):
         with deterministic_algorithms(True, torch.device("cuda")):
             pass
-    assert setting() == before
+    assert deterministic_setting() == before

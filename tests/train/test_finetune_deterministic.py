@@ -16,19 +16,9 @@ from fusedgpt.train import finetune
 from fusedgpt.train import finetune_data as fdata
 from tests.kernels.launches import record_launches
 
+from .conftest import deterministic_setting
+
 COMMANDS = ("finetune-classify", "finetune-instruct")
-
-
-def setting() -> tuple[bool, bool]:
-    return torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-
-
-@pytest.fixture(autouse=True)
-def keeps_the_global_setting():
-    """Whatever a test does, the next one starts with the process's setting as it was."""
-    before = setting()
-    yield
-    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def tiny_argv(command: str, root: Path) -> list[str]:
@@ -54,13 +44,13 @@ def record_settings(monkeypatch, fail_at_step: int = 0) -> list[tuple[bool, bool
 
     def recording(model, cfg, num_examples, batch_loss, end_epoch, **kwargs):
         def step(indices):
-            seen.append(setting())
+            seen.append(deterministic_setting())
             if len(seen) == fail_at_step:
                 raise ZeroDivisionError
             return batch_loss(indices)
 
         def epoch(*args):
-            seen.append(setting())
+            seen.append(deterministic_setting())
             return end_epoch(*args)
 
         return train(model, cfg, num_examples, step, epoch, **kwargs)
@@ -83,7 +73,7 @@ def test_a_deterministic_finetune_is_strict_throughout_stored_and_restores_the_s
     torch.use_deterministic_algorithms(True, warn_only=True)  # a caller's own setting
     assert main([*tiny_argv(command, tmp_path), "--deterministic"]) == 0, capsys.readouterr()
     assert len(seen) >= 3 and set(seen) == {(True, False)}  # every step and the evaluation: strict
-    assert setting() == (True, True)
+    assert deterministic_setting() == (True, True)
     assert open_checkpoint(tmp_path / "run").meta["finetune"]["deterministic"] is True
 
 
@@ -91,14 +81,14 @@ def test_a_failing_deterministic_finetune_restores_the_setting(tmp_path, monkeyp
     seen = record_settings(monkeypatch, fail_at_step=2)
     with pytest.raises(ZeroDivisionError):
         main([*tiny_argv("finetune-instruct", tmp_path), "--deterministic"])
-    assert seen == [(True, False)] * 2 and setting() == (False, False)
+    assert seen == [(True, False)] * 2 and deterministic_setting() == (False, False)
 
 
 def test_without_the_flag_the_callers_setting_stands(tmp_path, monkeypatch):
     seen = record_settings(monkeypatch)
     torch.use_deterministic_algorithms(True, warn_only=True)
     assert main(tiny_argv("finetune-instruct", tmp_path)) == 0
-    assert seen and set(seen) == {(True, True)} and setting() == (True, True)
+    assert seen and set(seen) == {(True, True)} and deterministic_setting() == (True, True)
 
 
 def test_the_attention_backward_of_a_deterministic_finetune_adds_no_atomics(tmp_path, monkeypatch):
