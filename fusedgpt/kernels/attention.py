@@ -684,13 +684,16 @@ HALF_CONFIGS = {  # (head-dim block, dropout) -> kind -> configs
     # without the 64x32 build's spill on sm_80; with dropout it spills, 64x32 does not.
     (128, False): {**_D128_DROPOUT, "dq": [_config(128, 32, 8, 2)]},
 }
-# Per architecture (compute capability major), where one list cannot serve both: the fused
-# backward at D=128 on sm_80, whose 64 x 64 tiles over 8 warps split every product between
-# the warps (MMA redundancy 1.00, against 1.40 for the shared list's 16 x 64) without a
-# spill — on sm_90 the same build spills.
+# Per architecture (compute capability major), where one list cannot serve both, because
+# the better build spills on the other: the fused backward at D=128 on sm_80, whose 64 x 64
+# tiles over 8 warps split every product between the warps (MMA redundancy 1.00, against
+# 1.40 for the shared list's 16 x 64); the forward at D=128 on sm_90, whose 128 x 128 tiles
+# issue 295 instructions per 1K pairs against 381 for 128 x 64 (both at the tensor cores'
+# bound in the model).
 ARCH_HALF_CONFIGS = {  # (capability major, head-dim block, dropout) -> kind -> configs
     (8, 128, False): {"bwd": [_config(64, 64, 8, 2)]},
     (8, 128, True): {"bwd": [_config(64, 64, 8, 1)]},
+    (9, 128, False): {"fwd": [_config(64, 32, 4, 3), _config(128, 128, 8, 3)]},
 }
 # True fp32 multiplies on CUDA cores hold whole operand rows in registers: small tiles,
 # for every head-dim block; single-stage, except dQ, whose single-stage build spilled 8 B
