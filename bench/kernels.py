@@ -206,18 +206,21 @@ def _attention_make(shape, dtype, device):
     return {name: torch.randn(b, h, t, d, device=device, dtype=dtype) for name in ("q", "k", "v")}
 
 
-def _attention_fused(backward: str = ""):
-    """fusedgpt's attention with the backward the launcher chooses, or ``backward``
-    ("fused", "recompute"): set for the forward, it holds through the harness's backward
-    that follows (providers are timed one after the other)."""
-    def run(q, k, v):
-        from fusedgpt.kernels import flash_attention
-        from fusedgpt.kernels.attention import BACKWARD_ENV
+def _attention_fused(q, k, v):
+    from fusedgpt.kernels import flash_attention
 
-        os.environ.pop(BACKWARD_ENV, None)
-        if backward:
-            os.environ[BACKWARD_ENV] = backward
-        return flash_attention(q, k, v, causal=True, backend="triton")
+    return flash_attention(q, k, v, causal=True, backend="triton")
+
+
+def _attention_fused_with(backward: str) -> Callable:
+    """fusedgpt's attention with its ``backward`` ("fused", "recompute") rather than the one
+    the launcher would choose, through the environment the harness sets for the provider."""
+    from fusedgpt.kernels.attention import BACKWARD_ENV
+
+    def run(q, k, v):
+        return _attention_fused(q, k, v)
+
+    run.environment = {BACKWARD_ENV: backward}
     return run
 
 
@@ -274,8 +277,9 @@ ATTENTION = OpBench(
     },
     make=_attention_make,
     providers={
-        "fusedgpt": _attention_fused(), "fusedgpt-fused-bwd": _attention_fused("fused"),
-        "fusedgpt-recompute-bwd": _attention_fused("recompute"), "eager": _attention_eager, "compile": _attention_eager,
+        "fusedgpt": _attention_fused, "fusedgpt-fused-bwd": _attention_fused_with("fused"),
+        "fusedgpt-recompute-bwd": _attention_fused_with("recompute"), "eager": _attention_eager,
+        "compile": _attention_eager,
         "sdpa-flash": _sdpa("FLASH_ATTENTION"), "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),
         "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"), "sdpa-math": _sdpa("MATH"), "flash-attn": _attention_flash_attn,
     },
@@ -329,12 +333,14 @@ def run_op(name: str, op: OpBench, shapes: str, dtype: torch.dtype, mode: str, d
            smoke: bool) -> list[dict]:
     rows = []
     peaks = gpu_peaks(device)
-    environment = dict(os.environ)  # a provider may set variables for its own run (its forward and backward)
+    environment = dict(os.environ)
     for shape in op.shapes[shapes]:
         inputs = _leaves(op.make(shape, dtype, device))
         amount, unit = op.work(shape, dtype, mode)
         for provider, forward in op.providers.items():
-            _restore_environment(environment)
+            # A provider may name variables to run under (``forward.environment``): set for
+            # its check and timing, forward and backward, and taken back after.
+            _restore_environment({**environment, **getattr(forward, "environment", {})})
             forward = _provider_fn(provider, forward)
             row = dict(op=name, provider=provider, shape="x".join(map(str, shape)), dtype=str(dtype)[6:], mode=mode)
             try:

@@ -438,8 +438,8 @@ def per_pass(rows: Sequence[dict]) -> list[dict]:
 
 def _attention_backward_taken(lines: Sequence[dict], workloads: set) -> list[dict]:
     """fusedgpt's attention "bwd" line per arch and dtype: the backward the launcher takes
-    there (``attention.fused_backward_pays`` at the workload's head dim and length)."""
-    from fusedgpt.kernels.attention import fused_backward_pays, head_dim_block
+    there (``attention.fused_backward_pays`` at the workload's length)."""
+    from fusedgpt.kernels.attention import fused_backward_pays
 
     if len(workloads) != 1:
         return []
@@ -448,7 +448,7 @@ def _attention_backward_taken(lines: Sequence[dict], workloads: set) -> list[dic
     for line in lines:
         if line["impl"] == "fusedgpt" and line["op"] == "attention" and line["pass_"].startswith("bwd-"):
             major = int(line["arch"].removeprefix("sm_")) // 10
-            fused = fused_backward_pays(major, head_dim_block(workload.head_dim), workload.seq)
+            fused = fused_backward_pays(major, workload.seq)
             if line["pass_"] == ("bwd-fused" if fused else "bwd-recompute"):
                 taken.append(dict(line, pass_="bwd", kernels=f"({line['pass_']}) {line['kernels']}"))
     return taken

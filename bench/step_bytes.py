@@ -374,7 +374,7 @@ def attention_kernel_bytes(record: dict) -> int:
         b, h, t, d = q_shape
     dtype = getattr(torch, q_dtype)
     row = d * torch.empty((), dtype=dtype).element_size()  # bytes of one token's head in Q, K, V, O
-    fused = fused_backward_pays(MODELLED_CAPABILITY, head_dim_block(d), t)
+    fused = fused_backward_pays(MODELLED_CAPABILITY, t)
     accumulator_row = head_dim_block(d) * 4 if fused else 0
     tiles = {kind: gpu_configs(kind, dtype, head_dim_block(d), dropout=False)[-1].kwargs
              for kind in ("fwd", "bwd", "dkdv", "dq")}

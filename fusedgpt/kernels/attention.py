@@ -875,20 +875,19 @@ def flash_attention_forward(
     return o, lse
 
 
-def fused_backward_pays(capability_major: Optional[int], block_d: int, max_seqlen_k: int) -> bool:
+def fused_backward_pays(capability_major: Optional[int], max_seqlen_k: int) -> bool:
     """Whether the fused backward (five products, an fp32 dQ accumulator added with atomics)
     is modelled cheaper than the recompute backward (seven products, no accumulator) on a
     GPU of compute capability ``capability_major`` (None: not a GPU — the interpreter, which
-    runs the fused one) for head-dim block ``block_d`` and keys per sequence
-    ``max_seqlen_k``. The fused one saves two products per (query, key) pair and moves the
+    runs the fused one) for keys per sequence ``max_seqlen_k``. The fused one saves two products per (query, key) pair and moves the
     accumulator (zeroed, added into, read back: about 16 bytes per query-row element)
     instead of the dQ kernel's reads; the saving grows with the keys a row sees. The rule is
     the static cost model's verdict (``python -m bench.static --op attention``, gpt2, d128
     and llama3.2-1b workloads): fused on sm_80, and from 2048 keys on; at 1024 keys on
     sm_90 the recompute backward is modelled cheaper (the accumulator's traffic, HBM-bound,
-    against H100's faster tensor cores). ``block_d`` takes no part in it today (the fused
-    lists split every product between warps at both head-dim blocks on sm_80). A model,
-    not a timing: ``$FUSEDGPT_ATTENTION_BACKWARD`` lets a GPU time both."""
+    against H100's faster tensor cores). The head dim takes no part: on sm_80 the fused
+    lists split every product between warps at both head-dim blocks. A model, not a
+    timing: ``$FUSEDGPT_ATTENTION_BACKWARD`` lets a GPU time both."""
     if capability_major is None:
         return True
     return max_seqlen_k >= 2048 or capability_major < 9
@@ -897,13 +896,13 @@ def fused_backward_pays(capability_major: Optional[int], block_d: int, max_seqle
 BACKWARD_ENV = "FUSEDGPT_ATTENTION_BACKWARD"
 
 
-def _fused_backward_chosen(capability_major: Optional[int], block_d: int, max_seqlen_k: int) -> bool:
+def _fused_backward_chosen(capability_major: Optional[int], max_seqlen_k: int) -> bool:
     """``$FUSEDGPT_ATTENTION_BACKWARD`` ("fused" or "recompute") where set — for measuring
     both on a GPU — otherwise :func:`fused_backward_pays`."""
     choice = os.environ.get(BACKWARD_ENV, "")
     if choice not in ("", "fused", "recompute"):
         raise ValueError(f"${BACKWARD_ENV} must be 'fused' or 'recompute' (or unset), got {choice!r}")
-    return choice == "fused" if choice else fused_backward_pays(capability_major, block_d, max_seqlen_k)
+    return choice == "fused" if choice else fused_backward_pays(capability_major, max_seqlen_k)
 
 
 def flash_attention_backward(
@@ -936,9 +935,8 @@ def flash_attention_backward(
         return dq, dk, dv
     run = _Launch(q, k, causal, dropout_p, window, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     block_d = run.meta["BLOCK_D"]
-    capability = _capability(q)
     if fused is None:
-        fused = not torch.are_deterministic_algorithms_enabled() and _fused_backward_chosen(capability, block_d, run.max_k)
+        fused = not torch.are_deterministic_algorithms_enabled() and _fused_backward_chosen(_capability(q), run.max_k)
     delta = torch.empty(b, h, tq, dtype=torch.float32, device=q.device)
     dq_acc = torch.empty(b, h, tq, block_d, dtype=torch.float32, device=q.device) if fused else delta
     rows = (triton.cdiv(tq, DELTA_BLOCK_M), h, b)
@@ -1373,15 +1371,16 @@ def aot_variants(dtype: torch.dtype, workload=None) -> list:
     # written; dQ's scaling the accumulator read, dQ written. Matmul flops per 1K pairs the
     # pass needs: 2 forward (QK^T, PV), 5 backward (QK^T again, dP, dV, dK, dQ).
     tensors, vectors, accumulator = t * d * item, 4 * t, t * d * 4
-    dkdv_bytes = (2 + 4 / group) * tensors + 2 * vectors
-    min_bytes = {("_attn_fwd_kernel", False): (2 + 2 / group) * tensors + vectors,
-                 ("_attn_bwd_delta_kernel", False): 2 * tensors + vectors,
-                 ("_attn_bwd_delta_kernel", True): 2 * tensors + vectors + accumulator,
-                 ("_attn_bwd_dkdv_kernel", False): dkdv_bytes,
-                 ("_attn_bwd_dkdv_kernel", True): dkdv_bytes + 2 * accumulator,
-                 ("_attn_bwd_dq_kernel", False): (3 + 2 / group) * tensors + 2 * vectors,
-                 ("_attn_bwd_dq_out_kernel", True): accumulator + tensors}
-    mma_flops = {"fwd": 2 * 2 * d * 1024, "bwd-fused": 5 * 2 * d * 1024, "bwd-recompute": 5 * 2 * d * 1024}
+    delta, dkdv = 2 * tensors + vectors, (2 + 4 / group) * tensors + 2 * vectors
+    min_bytes = {  # pass -> kernel -> bytes
+        "fwd": {"_attn_fwd_kernel": (2 + 2 / group) * tensors + vectors},
+        "bwd-fused": {"_attn_bwd_delta_kernel": delta + accumulator, "_attn_bwd_dkdv_kernel": dkdv + 2 * accumulator,
+                      "_attn_bwd_dq_out_kernel": accumulator + tensors},
+        "bwd-recompute": {"_attn_bwd_delta_kernel": delta, "_attn_bwd_dkdv_kernel": dkdv,
+                          "_attn_bwd_dq_kernel": (3 + 2 / group) * tensors + 2 * vectors},
+    }
+    backward_flops = 5 * 2 * d * 1024
+    mma_flops = {"fwd": 2 * 2 * d * 1024, "bwd-fused": backward_flops, "bwd-recompute": backward_flops}
     shown = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HAS_DROPOUT")
     if workload.attention_features:
         shown += ("kv_group", "WINDOWED", "SOFTCAP", "VARLEN")
@@ -1411,7 +1410,6 @@ def aot_variants(dtype: torch.dtype, workload=None) -> list:
                                              fused=fused)
                 backward["bwd-fused" if fused else "bwd-recompute"] = recorded
             for pass_, recorded in (("fwd", forward), *backward.items()):
-                fused = pass_ == "bwd-fused"
                 for launch, archs in _expanded_per_architecture(recorded):
                     if "BLOCK_N" in launch.args:  # the main kernels: BLOCK_M x BLOCK_N pairs per iteration
                         per_iteration, loops = launch.args["BLOCK_M"] * launch.args["BLOCK_N"] / 1024, "alternatives"
@@ -1424,10 +1422,10 @@ def aot_variants(dtype: torch.dtype, workload=None) -> list:
                     name = cr.python_function(launch.kernel).__name__
                     # The fused and the recompute backward's builds of the shared kernels.
                     show += tuple(flag for flag in ("ACCUMULATE_DQ", "ZERO_DQ_ACC") if flag in launch.args)
-                    work = min_bytes[name, fused and name != "_attn_fwd_kernel"] / per_head
                     found.append(dataclasses.replace(cr.jit_variant(
                         "attention", pass_, launch, workload=workload, show=show,
-                        work=cr.Work("1K pairs", per_iteration, work, mma_flops[pass_], loops),
+                        work=cr.Work("1K pairs", per_iteration, min_bytes[pass_][name] / per_head, mma_flops[pass_],
+                                     loops),
                     ), archs=archs))
     return found
 

@@ -44,7 +44,7 @@ from fusedgpt.train.data import absolute_path
 from fusedgpt.train.lora import GROUPS, LAYERS, LoRAConfig, apply_lora, parameter_counts
 from fusedgpt.train.optim import Optimization
 from fusedgpt.train.runlog import RunLog
-from fusedgpt.train.trainer import TrainingDiverged, check_seed, deterministic_algorithms
+from fusedgpt.train.trainer import DETERMINISTIC_HELP, TrainingDiverged, check_seed, deterministic_algorithms
 
 PathLike = Union[str, os.PathLike]
 # batch_loss(example indices) -> (mean loss to minimise, sums to report for the epoch)
@@ -261,9 +261,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, out: str, epochs: int, bat
     opt.add_argument("--warmup-steps", type=int, default=10, help="linear warmup steps")
     opt.add_argument("--grad-clip", type=float, default=1.0, help="0: no clipping")
     opt.add_argument("--seed", type=int, default=0, help="seed for the head/adapters, batch order and splits")
-    opt.add_argument("--deterministic", action="store_true",
-                     help="bitwise reproducible on a GPU too: torch.use_deterministic_algorithms (no atomics in the "
-                          "attention backward; may be slower), and CUBLAS_WORKSPACE_CONFIG=:4096:8 where unset")
+    opt.add_argument("--deterministic", action="store_true", help=DETERMINISTIC_HELP)
     opt.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_device_arguments(parser)
     lora = parser.add_argument_group("LoRA (low-rank adapters; the base weights stay frozen)")

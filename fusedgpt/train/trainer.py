@@ -193,6 +193,9 @@ def check_resumable(requested: "GPTConfig | LlamaConfig", checkpoint: ckpt.Check
         )
 
 
+# The --deterministic flag of training and fine-tuning.
+DETERMINISTIC_HELP = ("bitwise reproducible on a GPU too: torch.use_deterministic_algorithms (no atomics in the "
+                      "attention backward; may be slower), and CUBLAS_WORKSPACE_CONFIG=:4096:8 where unset")
 # cuBLAS workspace configurations under which its matmuls are reproducible (CUDA >= 10.2);
 # PyTorch refuses a cuBLAS matmul in deterministic mode under any other.
 DETERMINISTIC_CUBLAS_CONFIGS = (":4096:8", ":16:8")
@@ -667,9 +670,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_arguments(parser, keep_unset=True)
     for name, help_text in (("resume", "continue from the newest checkpoint in --out"),
                             ("compile", "torch.compile the model"),
-                            ("deterministic", "bitwise reproducible on a GPU too: torch.use_deterministic_algorithms "
-                             "(no atomics in the attention backward; may be slower), and CUBLAS_WORKSPACE_CONFIG="
-                             ":4096:8 where unset"),
+                            ("deterministic", DETERMINISTIC_HELP),
                             ("fsdp", "under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP")):
         parser.add_argument("--" + name, dest=name, action="store_true", default=suppress, help=help_text)
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=suppress, help="no progress bar")

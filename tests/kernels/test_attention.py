@@ -2,7 +2,6 @@
 (plain, grouped-query, windowed, soft-capped, packed variable-length), dropout, non-finite
 input, saved-tensor accounting, configs and the compile report, dispatch and bad input."""
 
-import contextlib
 import itertools
 import math
 import re
@@ -13,6 +12,7 @@ import torch
 from fusedgpt.kernels import flash_attention, flash_attention_qkvpacked, reference
 from fusedgpt.kernels import attention as attention_module
 from fusedgpt.kernels.backend import BackendUnavailableError
+from fusedgpt.train.trainer import deterministic_algorithms
 from tests.kernels.launches import record_launches
 from tests.kernels.parity import assert_parity
 
@@ -27,17 +27,6 @@ def _qkv(b, h, tq, tk, d, dtype, device, seed=0, h_kv=None):
 
     h_kv = h if h_kv is None else h_kv
     return dict(q=draw(h, tq), k=draw(h_kv, tk), v=draw(h_kv, tk))
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(on: bool):
-    """torch.use_deterministic_algorithms(on) inside the block, the previous setting after."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(on)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
 
 
 def _kernel(**options):
@@ -169,7 +158,7 @@ def test_qkvpacked_parity(b, t, h, d, dtype, options, deterministic, device):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
 
     qkv = torch.randn(b, t, 3, h, d, generator=torch.Generator().manual_seed(3)).to(device, dtype)
-    with deterministic_algorithms(deterministic):
+    with deterministic_algorithms(deterministic, device):
         assert_parity(lambda qkv: flash_attention_qkvpacked(qkv, backend="triton", **options), oracle, dict(qkv=qkv))
 
 
@@ -313,15 +302,15 @@ def test_parity_features(case, deterministic, device):
         options["seed"] = 77
         mask = attention_module.dropout_mask(77, (b, h, tq, tk), options["dropout_p"], device)
     oracle = _oracle(options.get("causal", True), None, options.get("dropout_p", 0.0), mask, **features)
-    with deterministic_algorithms(deterministic):
+    with deterministic_algorithms(deterministic, device):
         assert_parity(_kernel(**options), oracle, _qkv(b, h, tq, tk, d, dtype, device, h_kv=h_kv))
 
 
 def test_fused_backward_where_the_cost_model_rates_it_cheaper():
     pays = attention_module.fused_backward_pays
-    assert pays(None, 128, 1)  # the interpreter runs the fused backward
-    assert pays(8, 64, 1024) and pays(8, 128, 1024) and not pays(9, 64, 1024) and not pays(9, 128, 1024)
-    assert pays(9, 64, 2048) and pays(9, 128, 4096)
+    assert pays(None, 1)  # the interpreter runs the fused backward
+    assert pays(8, 1024) and not pays(9, 1024)  # at either head dim
+    assert pays(9, 2048) and pays(9, 4096)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -333,10 +322,10 @@ def test_backward_path_follows_torch_determinism(deterministic, device, monkeypa
         monkeypatch, attention_module, ("_attn_bwd_fused", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_dq_out_kernel")
     )
     inputs = {k: v.requires_grad_() for k, v in _qkv(1, 2, 40, 40, 16, F32, device).items()}
-    with deterministic_algorithms(deterministic):
+    with deterministic_algorithms(deterministic, device):
         flash_attention(**inputs, backend="triton").sum().backward()
     capability = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else None
-    fused = not deterministic and attention_module.fused_backward_pays(capability, 64, 40)
+    fused = not deterministic and attention_module.fused_backward_pays(capability, 40)
     expected = ["_attn_bwd_fused", "_attn_bwd_dq_out_kernel"] if fused else ["_attn_bwd_dkdv", "_attn_bwd_dq"]
     assert launched == expected
 
@@ -354,7 +343,7 @@ def test_fused_and_deterministic_backward_agree(device):
     grads = []
     for deterministic in (False, True):
         leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
-        with deterministic_algorithms(deterministic):
+        with deterministic_algorithms(deterministic, device):
             flash_attention(**leaves, window=30, backend="triton").pow(2).sum().backward()
         grads.append([leaves[name].grad for name in ("q", "k", "v")])
     for fused, fixed in zip(*grads):
@@ -411,7 +400,7 @@ def test_window_skips_key_blocks_outside_it(device, deterministic):
     with torch.no_grad():
         poisoned["v"][:, :, :16] = float("nan")
     outs = []
-    with deterministic_algorithms(deterministic):
+    with deterministic_algorithms(deterministic, device):
         for inputs in (clean, poisoned):
             out = flash_attention(**inputs, window=window, backend="triton")
             out.sum().backward()
