@@ -1296,10 +1296,15 @@ def flash_attention_qkvpacked(
         autograd would concatenate separate dq, dk, dv into it (one more read and write of
         it per call).
     """
+    op = f"{_OP}_qkvpacked"
     if not isinstance(qkv, Tensor):
-        raise TypeError(f"{_OP}_qkvpacked: qkv must be a tensor, got {type(qkv).__name__}")
+        raise TypeError(f"{op}: qkv must be a tensor, got {type(qkv).__name__}")
+    check_float(op, "qkv", qkv)
     if qkv.dim() != 5 or qkv.shape[2] != 3:
-        raise ValueError(f"{_OP}_qkvpacked: qkv must be (B, T, 3, H, D), got shape {tuple(qkv.shape)}")
+        raise ValueError(f"{op}: qkv must be (B, T, 3, H, D), got shape {tuple(qkv.shape)}")
+    if (cu_seqlens is None) != (max_seqlen is None):
+        raise ValueError(f"{op}: cu_seqlens and max_seqlen go together, got only "
+                         f"{'cu_seqlens' if max_seqlen is None else 'max_seqlen'}")
     return _attention(
         qkv, *_unpacked(qkv), causal, softmax_scale, dropout_p, seed, window, softcap,
         cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, backend,

@@ -206,6 +206,16 @@ def test_qkvpacked_rejects_other_shapes(bad, words):
         flash_attention_qkvpacked([1.0], backend="torch")
 
 
+def test_qkvpacked_names_its_own_arguments_in_errors():
+    with pytest.raises(TypeError, match="flash_attention_qkvpacked: qkv must be float32"):
+        flash_attention_qkvpacked(torch.zeros(1, 4, 3, 2, 8, dtype=torch.int64), backend="torch")
+    cu_seqlens = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens and max_seqlen go together, got only cu_seqlens"):
+        flash_attention_qkvpacked(torch.zeros(1, 4, 3, 2, 8), cu_seqlens=cu_seqlens, backend="torch")
+    with pytest.raises(ValueError, match="got only max_seqlen"):
+        flash_attention_qkvpacked(torch.zeros(1, 4, 3, 2, 8), max_seqlen=4, backend="torch")
+
+
 def test_head_dim_with_non_unit_stride_is_copied(device):
     qkv = _qkv(2, 2, 19, 19, 32, F32, device)
     wide = {name: torch.cat([t, t], dim=-1)[..., ::2] for name, t in qkv.items()}
