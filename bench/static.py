@@ -394,7 +394,7 @@ def per_pass(rows: Sequence[dict]) -> list[dict]:
     summed over the kernels of the pass, which run one after the other (the attention
     backward: delta, dK/dV, dQ); loop shape, load widths and FTZ are the costliest kernel's.
     fusedgpt's attention has two backwards, each with its line; its "bwd" line is the one
-    the launcher takes at the workload's shapes on that architecture."""
+    the launcher takes by default (the fused one)."""
     best: dict = {}
     for row in rows:
         if "error" in row or (row["impl"] == "fusedgpt" and not _comparable(row)):
@@ -423,7 +423,7 @@ def per_pass(rows: Sequence[dict]) -> list[dict]:
             mma_redundancy=sum(mma) if mma else None,
             model_cycles_per_unit=total("model_cycles_per_unit"),
         ))
-    lines += _attention_backward_taken(lines, {row["workload"] for row in rows})
+    lines += _attention_backward_taken(lines)
     best_peer: dict = {}
     for line in lines:
         if line["impl"] != "fusedgpt":
@@ -436,22 +436,11 @@ def per_pass(rows: Sequence[dict]) -> list[dict]:
     return sorted(lines, key=lambda line: (line["op"], line["pass_"], line["arch"], line["dtype"], line["impl"]))
 
 
-def _attention_backward_taken(lines: Sequence[dict], workloads: set) -> list[dict]:
+def _attention_backward_taken(lines: Sequence[dict]) -> list[dict]:
     """fusedgpt's attention "bwd" line per arch and dtype: the backward the launcher takes
-    there (``attention.fused_backward_pays`` at the workload's length)."""
-    from fusedgpt.kernels.attention import fused_backward_pays
-
-    if len(workloads) != 1:
-        return []
-    workload = cr.workload(next(iter(workloads)))
-    taken = []
-    for line in lines:
-        if line["impl"] == "fusedgpt" and line["op"] == "attention" and line["pass_"].startswith("bwd-"):
-            major = int(line["arch"].removeprefix("sm_")) // 10
-            fused = fused_backward_pays(major, workload.seq)
-            if line["pass_"] == ("bwd-fused" if fused else "bwd-recompute"):
-                taken.append(dict(line, pass_="bwd", kernels=f"({line['pass_']}) {line['kernels']}"))
-    return taken
+    by default, the fused one (the recompute one only under deterministic algorithms)."""
+    return [dict(line, pass_="bwd", kernels=f"({line['pass_']}) {line['kernels']}") for line in lines
+            if line["impl"] == "fusedgpt" and line["op"] == "attention" and line["pass_"] == "bwd-fused"]
 
 
 def markdown(lines: Sequence[dict], failures: Sequence[dict], header: str) -> str:

@@ -48,13 +48,16 @@ group and, for each, the query blocks that see the key block (``_query_range``),
 accumulating dK and dV in registers: the group's sum is formed in a fixed order, with no
 atomics and no per-query-head copy. Two backwards share that kernel. Fused: each of the
 five products is computed once, the kernel also forming this key block's share of dQ (dS K)
-and adding it with atomics into an fp32 accumulator that the preprocess zeroed; a last
-small kernel scales it into dQ. Atomics make dQ's summation order, and so its last bits,
-vary from run to run. Recompute: the kernel leaves dQ to a second kernel that owns a query
-block and loops over the key blocks it sees, recomputing S and dP to accumulate dQ in
-registers (seven products, a fixed order, bitwise reproducible). The launcher takes the
-fused one where the static cost model rates it cheaper (``fused_backward_pays``), the
-recompute one otherwise and always under ``torch.use_deterministic_algorithms(True)``.
+and adding it with atomics into fp32 sums; each program then counts itself finished, and
+the last one of its (sequence, key/value head) — the sums complete and still in L2 —
+writes dQ = c * sums and zeroes them for the next call (``_finish_dq``: release/acquire on
+the count, as a grid-wide barrier orders memory). No pass zeroes the sums and none reads
+them back from HBM. Atomics make dQ's summation order, and so its last bits, vary from run
+to run. Recompute: the kernel leaves dQ to a second kernel that owns a query block and
+loops over the key blocks it sees, recomputing S and dP to accumulate dQ in registers
+(seven products, a fixed order, bitwise reproducible). The launcher takes the fused one,
+which the static cost model rates cheaper on sm_80 and sm_90, and the recompute one under
+``torch.use_deterministic_algorithms(True)`` (or ``$FUSEDGPT_ATTENTION_BACKWARD``).
 Every kernel skips hidden blocks.
 
 Dropout draws Philox random numbers (the generator behind ``tl.rand``) keyed by ``seed``
@@ -73,10 +76,10 @@ always fp32.
 Saved for backward: q, k, v, o and L (B*H*Tq floats) — nothing with Tq x Tk elements — and
 the cu_seqlens offsets when given.
 IO per (batch, head): the forward reads Q once and K, V once per query block, and writes O
-and L. The backward reads O and dO once (delta, zeroing the T x D fp32 dQ accumulator);
-the dK/dV kernel reads K, V once and Q, dO once per key block and query head of the group,
-and adds into the accumulator once per key block; dQ's scaling reads the accumulator and
-writes dQ. The recompute backward's dQ kernel instead reads Q, dO once and K, V once
+and L. The backward reads O and dO once (delta); the dK/dV kernel reads K, V once and Q,
+dO once per key block and query head of the group, adds into the T x D fp32 dQ sums once
+per key block (in L2), and its last program reads the sums and writes dQ. The recompute
+backward's dQ kernel instead reads Q, dO once and K, V once
 per query block.
 """
 
@@ -380,10 +383,10 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    O, DO, DELTA, DQ_ACC,
+    O, DO, DELTA,
     stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot,
     H, Tq, D,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ZERO_DQ_ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1)
@@ -396,26 +399,6 @@ def _attn_bwd_delta_kernel(
     do = _load_rows(DO, start_m, stride_dot, Tq, offs_d, D, BLOCK_M).to(tl.float32)
     row = (b * H + h).to(tl.int64) * Tq + offs_m
     tl.store(DELTA + row, tl.sum(o * do, 1), mask=offs_m < Tq)
-    if ZERO_DQ_ACC:  # the accumulator the fused backward adds dQ into: (B, H, Tq, BLOCK_D) fp32
-        zero = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        tl.store(DQ_ACC + row[:, None] * BLOCK_D + offs_d[None, :], zero, mask=offs_m[:, None] < Tq)
-
-
-@triton.jit
-def _attn_bwd_dq_out_kernel(
-    DQ, DQ_ACC, stride_dqb, stride_dqh, stride_dqt, H, Tq, D, softmax_scale,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """dQ = c * the accumulator, in dQ's dtype and layout."""
-    start_m = tl.program_id(0) * BLOCK_M
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    DQ = _rows(DQ, b, h, 0, stride_dqb, stride_dqh, stride_dqt)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row = (b * H + h).to(tl.int64) * Tq + offs_m
-    dq = tl.load(DQ_ACC + row[:, None] * BLOCK_D + offs_d[None, :], mask=offs_m[:, None] < Tq, other=0.0)
-    _store_rows(DQ, start_m, stride_dqt, Tq, offs_d, D, dq * softmax_scale, BLOCK_M)
 
 
 @triton.jit
@@ -464,7 +447,7 @@ def _bwd_query_blocks(
         ds_t = _through_softcap(p_t * (dp_t - delta[None, :]), s_t, qk_softcap, SOFTCAP)
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
         if ACCUMULATE_DQ:
-            # Relaxed: only the sum matters, and the kernel's end orders it before dQ's read.
+            # Relaxed: only the sum matters; _finish_dq orders every addition before its read.
             dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION)
             rows = tl.cast(g, tl.int64) * Tq + offs_m
             tl.atomic_add(DQ_ACC + rows[:, None] * BLOCK_D + offs_d[None, :], dq,
@@ -477,12 +460,45 @@ def _bwd_query_blocks(
     return dk, dv
 
 
+@triton.jit
+def _finish_dq(
+    DQ, DQ_ACC, FINISHED, stride_dqh, stride_dqt, kv_group, Tq, seqlen_q, D, softmax_scale,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Count this program as finished with its (sequence, key/value head); the last of the
+    key-block programs to finish writes dQ = c * the fp32 sums of the group's query heads
+    (the rows at DQ_ACC) into DQ, and leaves the sums and the count zero for the next call.
+    The sums are then fresh in L2: no pass zeroes them and none reads them back from HBM.
+
+    Ordering, as in a grid-wide barrier: the CTA barrier puts every thread's additions
+    before the count's increment, whose release (gpu scope, by one thread) publishes them;
+    the last program's acquire, the barrier Triton places where it shares the count with
+    all threads, and loads that bypass L1 (.cg) read the complete sums."""
+    tl.debug_barrier()
+    pair = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+    finished_before = tl.atomic_add(FINISHED + pair, 1, sem="acq_rel", scope="gpu")
+    if finished_before == tl.num_programs(0) - 1:
+        offs_d = tl.arange(0, BLOCK_D)
+        blocks = tl.cdiv(seqlen_q, BLOCK_M)
+        for i in range(0, kv_group * blocks):
+            g = i // blocks
+            start_m = (i - g * blocks) * BLOCK_M
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            sums = DQ_ACC + (tl.cast(g, tl.int64) * Tq + offs_m)[:, None] * BLOCK_D + offs_d[None, :]
+            rows = offs_m[:, None] < seqlen_q
+            dq = tl.load(sums, mask=rows, other=0.0, cache_modifier=".cg")
+            tl.store(sums, tl.zeros_like(dq), mask=rows)
+            _store_rows(DQ + tl.cast(g, tl.int64) * stride_dqh, start_m, stride_dqt, seqlen_q, offs_d, D,
+                        dq * softmax_scale, BLOCK_M)
+        tl.store(FINISHED + pair, 0)
+
+
 @triton.jit(do_not_specialize=["seed", "window", "q_bucket", "k_bucket"])
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, CU_SEQLENS_Q, CU_SEQLENS_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, DQ_ACC, FINISHED, CU_SEQLENS_Q, CU_SEQLENS_K,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
-    stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+    stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt, stride_dqb, stride_dqh, stride_dqt,
     H, kv_group, Tq, Tk, D, qk_scale, qk_softcap, softmax_scale, window, dropout_p, seed, q_bucket, k_bucket,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
@@ -492,9 +508,6 @@ def _attn_bwd_dkdv_kernel(
     start_n = tl.program_id(0) * BLOCK_N
     h_kv = tl.program_id(1)
     batch, q_start, k_start, seqlen_q, seqlen_k = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, tl.program_id(2), Tq, Tk, VARLEN)
-    if VARLEN:
-        if start_n >= seqlen_k:  # past the end of a shorter packed sequence
-            return
     K = _rows(K, batch, h_kv, k_start, stride_kb, stride_kh, stride_kt)
     V = _rows(V, batch, h_kv, k_start, stride_vb, stride_vh, stride_vt)
     DK = _rows(DK, batch, h_kv, k_start, stride_dkb, stride_dkh, stride_dkt)
@@ -507,6 +520,9 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     lo, a, b, hi = _query_range(start_n, seqlen_q, seqlen_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOWED)
+    if VARLEN:  # past the end of a shorter packed sequence: no query to visit, still counted
+        inside = start_n < seqlen_k
+        lo, a, b, hi = tl.where(inside, lo, 0), tl.where(inside, a, 0), tl.where(inside, b, 0), tl.where(inside, hi, 0)
 
     # The group's query heads, from the first one on, in a fixed order: a deterministic sum.
     h = h_kv * kv_group
@@ -515,6 +531,7 @@ def _attn_bwd_dkdv_kernel(
     DO = _rows(DO, batch, h, q_start, stride_dob, stride_doh, stride_dot)
     LSE += tl.cast(bh, tl.int64) * Tq + q_start
     DELTA += tl.cast(bh, tl.int64) * Tq + q_start
+    DQ = _rows(DQ, batch, h, q_start, stride_dqb, stride_dqh, stride_dqt)
     DQ_ACC += (tl.cast(bh, tl.int64) * Tq + q_start) * BLOCK_D
     if CAUSAL:
         dk, dv = _bwd_query_blocks(
@@ -535,6 +552,9 @@ def _attn_bwd_dkdv_kernel(
         )
     _store_rows(DK, start_n, stride_dkt, seqlen_k, offs_d, D, dk * softmax_scale, BLOCK_N)
     _store_rows(DV, start_n, stride_dvt, seqlen_k, offs_d, D, dv, BLOCK_N)
+    if ACCUMULATE_DQ:
+        _finish_dq(DQ, DQ_ACC, FINISHED, stride_dqh, stride_dqt, kv_group, Tq, seqlen_q, D, softmax_scale,
+                   BLOCK_N, BLOCK_D)
 
 
 @triton.jit
@@ -875,34 +895,43 @@ def flash_attention_forward(
     return o, lse
 
 
-def fused_backward_pays(capability_major: Optional[int], max_seqlen_k: int) -> bool:
-    """Whether the fused backward (five products, an fp32 dQ accumulator added with atomics)
-    is modelled cheaper than the recompute backward (seven products, no accumulator) on a
-    GPU of compute capability ``capability_major`` (None: not a GPU — the interpreter, which
-    runs the fused one) for keys per sequence ``max_seqlen_k``. The fused one saves two products per (query, key) pair and moves the
-    accumulator (zeroed, added into, read back: about 16 bytes per query-row element)
-    instead of the dQ kernel's reads; the saving grows with the keys a row sees. The rule is
-    the static cost model's verdict (``python -m bench.static --op attention``, gpt2, d128
-    and llama3.2-1b workloads): fused on sm_80, and from 2048 keys on; at 1024 keys on
-    sm_90 the recompute backward is modelled cheaper (the accumulator's traffic, HBM-bound,
-    against H100's faster tensor cores). The head dim takes no part: on sm_80 the fused
-    lists split every product between warps at both head-dim blocks. A model, not a
-    timing: ``$FUSEDGPT_ATTENTION_BACKWARD`` lets a GPU time both."""
-    if capability_major is None:
-        return True
-    return max_seqlen_k >= 2048 or capability_major < 9
-
-
 BACKWARD_ENV = "FUSEDGPT_ATTENTION_BACKWARD"
 
 
-def _fused_backward_chosen(capability_major: Optional[int], max_seqlen_k: int) -> bool:
-    """``$FUSEDGPT_ATTENTION_BACKWARD`` ("fused" or "recompute") where set — for measuring
-    both on a GPU — otherwise :func:`fused_backward_pays`."""
+def _fused_backward_chosen() -> bool:
+    """The fused backward, unless ``torch.use_deterministic_algorithms(True)`` is on or
+    ``$FUSEDGPT_ATTENTION_BACKWARD`` is "recompute" (it takes "fused" or "recompute", for
+    timing both on a GPU). The static cost model rates the fused one cheaper on sm_80 and
+    sm_90 at every workload it builds (``python -m bench.static --op attention``): a model,
+    not a timing."""
     choice = os.environ.get(BACKWARD_ENV, "")
     if choice not in ("", "fused", "recompute"):
         raise ValueError(f"${BACKWARD_ENV} must be 'fused' or 'recompute' (or unset), got {choice!r}")
-    return choice == "fused" if choice else fused_backward_pays(capability_major, max_seqlen_k)
+    return choice != "recompute" and not torch.are_deterministic_algorithms_enabled()
+
+
+# The fused backward's workspace, per device and stream: fp32 dQ sums (B x H x Tq x the
+# head-dim block, flat) and one count of finished programs per (sequence, key/value head).
+# Both are zero between calls — the last program of each pair zeroes what it used — so no
+# call pays a pass to zero them. Grown to the largest call, never shrunk.
+_DQ_WORKSPACES: dict = {}
+
+
+def _dq_workspace(device: torch.device, sums: int, counts: int) -> tuple[Tensor, Tensor]:
+    """Zeroed fp32 sums and int32 counts, at least ``sums`` and ``counts`` elements, for one
+    fused backward on ``device``."""
+
+    def zeros(sums: int, counts: int) -> tuple[Tensor, Tensor]:
+        return torch.zeros(sums, dtype=torch.float32, device=device), torch.zeros(counts, dtype=torch.int32, device=device)
+
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return zeros(sums, counts)  # a CUDA graph zeroes what it allocates when it replays, not now
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None)
+    kept = _DQ_WORKSPACES.get(key)
+    if kept is None or kept[0].numel() < sums or kept[1].numel() < counts:
+        grown = (max(sums, kept[0].numel()), max(counts, kept[1].numel())) if kept is not None else (sums, counts)
+        kept = _DQ_WORKSPACES[key] = zeros(*grown)
+    return kept
 
 
 def flash_attention_backward(
@@ -913,14 +942,16 @@ def flash_attention_backward(
     max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
     grads: Optional[tuple[Tensor, Tensor, Tensor]] = None, fused: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch the backward. Fused (where :func:`fused_backward_pays`, or as
-    ``$FUSEDGPT_ATTENTION_BACKWARD`` says): the ``delta``
-    preprocess (which also zeroes an fp32 dQ accumulator), one kernel that computes dK, dV
-    and adds each key block's share of dQ into the accumulator with atomics (the five
-    products of the backward, each once), and dQ's scaling into q's dtype. Otherwise, and
-    always under ``torch.use_deterministic_algorithms(True)``, recompute: the preprocess,
-    then a dK/dV kernel and a dQ kernel that recomputes S and dP (seven products), which
-    sum in a fixed order.
+    """Launch the backward. Fused (unless :func:`_fused_backward_chosen` says otherwise):
+    the ``delta`` preprocess, then one kernel that computes dK, dV and adds each key
+    block's share of dQ into fp32 sums with atomics (the five products of the backward,
+    each once); the last program of each (sequence, key/value head) writes dQ from the
+    sums and zeroes them again. The sums and the counts of finished programs are a
+    workspace kept per device and stream (B x H x Tq x the head-dim block fp32, grown to
+    the largest call, never shrunk; fresh ones under CUDA-graph capture). Recompute —
+    always under ``torch.use_deterministic_algorithms(True)``: the preprocess, then a dK/dV
+    kernel and a dQ kernel that recomputes S and dP (seven products), which sum in a fixed
+    order.
 
     Takes the forward's inputs and options, its ``o`` and ``lse``, and ``do`` like ``o``
     (any strides). ``fused``: which backward, overriding the choice above (the compile
@@ -936,28 +967,22 @@ def flash_attention_backward(
     run = _Launch(q, k, causal, dropout_p, window, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     block_d = run.meta["BLOCK_D"]
     if fused is None:
-        fused = not torch.are_deterministic_algorithms_enabled() and _fused_backward_chosen(_capability(q), run.max_k)
+        fused = _fused_backward_chosen()
     delta = torch.empty(b, h, tq, dtype=torch.float32, device=q.device)
-    dq_acc = torch.empty(b, h, tq, block_d, dtype=torch.float32, device=q.device) if fused else delta
-    rows = (triton.cdiv(tq, DELTA_BLOCK_M), h, b)
-    _attn_bwd_delta_kernel[rows](
-        o, do, delta, dq_acc, *_bht_strides(o, do), h, tq, d,
-        BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d, ZERO_DQ_ACC=fused, num_warps=4,
+    _attn_bwd_delta_kernel[(triton.cdiv(tq, DELTA_BLOCK_M), h, b)](
+        o, do, delta, *_bht_strides(o, do), h, tq, d, BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d, num_warps=4,
     )
     scalars = (
         h, run.kv_group, run.total_q, run.total_k, d, softmax_scale * LOG2_E, run.qk_softcap, softmax_scale,
         run.window, dropout_p, seed, *_buckets(run.max_q, run.max_k),
     )
+    sums, finished = _dq_workspace(q.device, b * h * tq * block_d, run.sequences * k.shape[1]) if fused else (delta, delta)
     dkdv = _attn_bwd_fused if fused else _attn_bwd_dkdv
     dkdv[run.grid("BLOCK_N", run.max_k, k.shape[1])](
-        q, k, v, do, lse, delta, dk, dv, dq_acc, *run.cu_seqlens, *_bht_strides(q, k, v, do, dk, dv), *scalars,
-        ACCUMULATE_DQ=fused, **run.meta,
+        q, k, v, do, lse, delta, dk, dv, dq, sums, finished, *run.cu_seqlens, *_bht_strides(q, k, v, do, dk, dv, dq),
+        *scalars, ACCUMULATE_DQ=fused, **run.meta,
     )
-    if fused:
-        _attn_bwd_dq_out_kernel[rows](
-            dq, dq_acc, *dq.stride()[:3], h, tq, d, softmax_scale, BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d, num_warps=4,
-        )
-    else:
+    if not fused:
         _attn_bwd_dq[run.grid("BLOCK_M", run.max_q, h)](
             q, k, v, do, lse, delta, dq, *run.cu_seqlens, *_bht_strides(q, k, v, do, dq), *scalars, **run.meta,
         )
@@ -1369,18 +1394,18 @@ def aot_variants(dtype: torch.dtype, workload=None) -> list:
         every = dict(window=window, softcap=softcap, packed=True)
         features += [dict(window=window), dict(softcap=softcap), dict(packed=True), every]
     # Bytes each kernel must move per query head (T x D tensors of ``item`` bytes, fp32
-    # vectors of T, the fp32 T x D dQ accumulator; a key/value head is shared by ``group``
-    # query heads): forward q, k, v read, o written, logsumexp written; delta o, dO read,
-    # delta written (and the accumulator zeroed); dK/dV q, k, v, dO, lse, delta read, dK,
-    # dV written (fused: the accumulator read and written once); dQ the same reads, dQ
-    # written; dQ's scaling the accumulator read, dQ written. Matmul flops per 1K pairs the
-    # pass needs: 2 forward (QK^T, PV), 5 backward (QK^T again, dP, dV, dK, dQ).
-    tensors, vectors, accumulator = t * d * item, 4 * t, t * d * 4
+    # vectors of T, the fp32 T x D dQ sums; a key/value head is shared by ``group`` query
+    # heads): forward q, k, v read, o written, logsumexp written; delta o, dO read, delta
+    # written; dK/dV q, k, v, dO, lse, delta read, dK, dV written — fused: also dQ written
+    # and its sums read and written once from HBM (the additions and the last program's
+    # read hit L2, but the zeroed lines go back to HBM between calls and come in again);
+    # dQ the same reads as dK/dV, dQ written. Matmul flops per 1K pairs the pass needs:
+    # 2 forward (QK^T, PV), 5 backward (QK^T again, dP, dV, dK, dQ).
+    tensors, vectors, sums = t * d * item, 4 * t, t * d * 4
     delta, dkdv = 2 * tensors + vectors, (2 + 4 / group) * tensors + 2 * vectors
     min_bytes = {  # pass -> kernel -> bytes
         "fwd": {"_attn_fwd_kernel": (2 + 2 / group) * tensors + vectors},
-        "bwd-fused": {"_attn_bwd_delta_kernel": delta + accumulator, "_attn_bwd_dkdv_kernel": dkdv + 2 * accumulator,
-                      "_attn_bwd_dq_out_kernel": accumulator + tensors},
+        "bwd-fused": {"_attn_bwd_delta_kernel": delta, "_attn_bwd_dkdv_kernel": dkdv + tensors + 2 * sums},
         "bwd-recompute": {"_attn_bwd_delta_kernel": delta, "_attn_bwd_dkdv_kernel": dkdv,
                           "_attn_bwd_dq_kernel": (3 + 2 / group) * tensors + 2 * vectors},
     }
@@ -1408,8 +1433,7 @@ def aot_variants(dtype: torch.dtype, workload=None) -> list:
                 flash_attention_forward(q, k, v, True, d ** -0.5, dropout_p, 1234, **options)
             backward = {}
             for fused in (True, False):
-                kernels = ("_attn_bwd_delta_kernel", "_attn_bwd_fused", "_attn_bwd_dq_out_kernel", "_attn_bwd_dkdv",
-                           "_attn_bwd_dq")
+                kernels = ("_attn_bwd_delta_kernel", "_attn_bwd_fused", "_attn_bwd_dkdv", "_attn_bwd_dq")
                 with cr.launches(module, *kernels) as recorded:
                     flash_attention_backward(o, q, k, v, o, lse, True, d ** -0.5, dropout_p, 1234, **options,
                                              fused=fused)
@@ -1419,20 +1443,32 @@ def aot_variants(dtype: torch.dtype, workload=None) -> list:
                     if "BLOCK_N" in launch.args:  # the main kernels: BLOCK_M x BLOCK_N pairs per iteration
                         per_iteration, loops = launch.args["BLOCK_M"] * launch.args["BLOCK_N"] / 1024, "alternatives"
                         show = shown
+                        if launch.args.get("ACCUMULATE_DQ"):
+                            per_iteration, loops = _fused_loops(per_iteration, launch.args["BLOCK_N"] * per_head / t,
+                                                                window=feature.get("window") is not None)
                     elif dropout_p or feature:  # the row kernels depend on neither: listed once
                         continue
-                    else:  # delta, dQ's scaling: BLOCK_M queries of pairs / T keys on average
+                    else:  # delta: BLOCK_M queries of pairs / T keys on average
                         per_iteration, loops = launch.args["BLOCK_M"] * per_head / t, "sequence"
                         show = ("BLOCK_M", "BLOCK_D")
                     name = cr.python_function(launch.kernel).__name__
-                    # The fused and the recompute backward's builds of the shared kernels.
-                    show += tuple(flag for flag in ("ACCUMULATE_DQ", "ZERO_DQ_ACC") if flag in launch.args)
+                    # The fused and the recompute backward's builds of the shared kernel.
+                    show += ("ACCUMULATE_DQ",) if "ACCUMULATE_DQ" in launch.args else ()
                     found.append(dataclasses.replace(cr.jit_variant(
                         "attention", pass_, launch, workload=workload, show=show,
                         work=cr.Work("1K pairs", per_iteration, min_bytes[pass_][name] / per_head, mma_flops[pass_],
                                      loops),
                     ), archs=archs))
     return found
+
+
+def _fused_loops(pairs: float, converted: float, window: bool) -> tuple[tuple, tuple]:
+    """``(per_iteration, roles)`` of the fused dK/dV kernel's innermost loops, in address
+    order (causal): the diagonal's masked query blocks, the unmasked ones (the main loop),
+    with a window the masked blocks at its edge, then the last program's conversion of the
+    dQ sums, ``converted`` units a block of rows, which every unit goes through once."""
+    roles = ("masked", "main", "masked", "main") if window else ("masked", "main", "main")
+    return (pairs,) * (len(roles) - 1) + (converted,), roles
 
 
 def _expanded_per_architecture(recorded: list) -> list:

@@ -41,7 +41,7 @@ with the tools the Triton wheel ships:
 - cost, from ``cuobjdump -sass``: loops are the bodies closed by a backward branch; the
   innermost ones are the main loops (a kernel may have an unmasked and a masked one; each is
   reported). Per unit of work: instructions, global memory instructions by width (LDG/STG
-  128/64/32/16/8-bit, LDGSTS = cp.async, RED/ATOMG = atomics, UTMALDG/UTMASTG = TMA), the
+  128/64/32/16/8-bit, LDGSTS = cp.async, RED/REDG/ATOMG = atomics (REDG: sm_90, vector forms like F32x4 counted by their width), UTMALDG/UTMASTG = TMA), the
   bytes they move (all lanes counted; an atomic as a store of its width, though L2 applies
   it at a lower rate; TMA bytes are not visible in SASS and not counted), MUFU
   instructions (EX2, RCP, RSQ, LG2, ...) and whether the exponentials are flush-to-zero
@@ -418,7 +418,11 @@ def loops(instructions: Sequence[tuple[int, str, str]]) -> list[tuple[int, int]]
 
 
 def _memory_width(opcode: str) -> int:
-    """Bits per lane of a global load/store/cp.async opcode."""
+    """Bits per lane of a global load/store/cp.async/atomic opcode (sm_90's vector atomics
+    name their width as lanes x elements: ``REDG.E.ADD.F32x4``)."""
+    vector = re.search(r"\.F(\d+)x(\d+)\b", opcode)
+    if vector:
+        return int(vector.group(1)) * int(vector.group(2))
     parts = set(opcode.split("."))
     for bits, names in ((128, {"128"}), (64, {"64"}), (16, {"U16", "S16"}), (8, {"U8", "S8"})):
         if parts & names:
@@ -453,7 +457,7 @@ def read_section(instructions: Sequence[tuple[int, str, str]]) -> dict:
     memory_bits = mma_flops = mma_time = exp_fixups = 0
     for _, opcode, operands in instructions:
         head = opcode.split(".")[0]
-        if head in ("LDG", "STG", "LDGSTS", "RED", "ATOMG"):
+        if head in ("LDG", "STG", "LDGSTS", "RED", "REDG", "ATOMG"):
             bits = _memory_width(opcode)
             memory[f"{head}.{bits}"] += 1
             memory_bits += bits
@@ -580,6 +584,17 @@ def cost_columns(sass: str, work: Work, num_warps: int, arch: str) -> dict:
 # --------------------------------------------------------------------------- compile
 
 
+def cubin_contents(cubin: bytes) -> tuple[dict, str]:
+    """A compiled kernel's resource usage (``cuobjdump -res-usage``) and its SASS."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin_path = os.path.join(tmp, "kernel.cubin")
+        with open(cubin_path, "wb") as handle:
+            handle.write(cubin)
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin_path], check=True, capture_output=True,
+                              text=True).stdout
+        return _resource_usage(cubin_path), sass
+
+
 def compile_variant(variant: KernelVariant, arch: str) -> dict:
     """Compile one variant for one architecture and describe the result."""
     import triton
@@ -612,13 +627,7 @@ def compile_variant(variant: KernelVariant, arch: str) -> dict:
         )
     except Exception as exc:  # an out-of-resources config is a finding, not a crash
         return {**row, "error": _error_line(exc)}
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin_path = os.path.join(tmp, "kernel.cubin")
-        with open(cubin_path, "wb") as handle:
-            handle.write(compiled.asm["cubin"])
-        usage = _resource_usage(cubin_path)
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin_path], check=True, capture_output=True,
-                              text=True).stdout
+    usage, sass = cubin_contents(compiled.asm["cubin"])
     shared = int(compiled.metadata.shared)
     registers = usage.get("REG", 0)
     return {

@@ -15,6 +15,7 @@ from fusedgpt.kernels.backend import BackendUnavailableError
 from fusedgpt.train.trainer import deterministic_algorithms
 from tests.kernels.launches import record_launches
 from tests.kernels.parity import assert_parity
+from tests.kernels.sass import opcodes as sass_opcodes
 
 F32, F16 = torch.float32, torch.float16
 
@@ -316,28 +317,69 @@ def test_parity_features(case, deterministic, device):
         assert_parity(_kernel(**options), oracle, _qkv(b, h, tq, tk, d, dtype, device, h_kv=h_kv))
 
 
-def test_fused_backward_where_the_cost_model_rates_it_cheaper():
-    pays = attention_module.fused_backward_pays
-    assert pays(None, 1)  # the interpreter runs the fused backward
-    assert pays(8, 1024) and not pays(9, 1024)  # at either head dim
-    assert pays(9, 2048) and pays(9, 4096)
-
-
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_backward_path_follows_torch_determinism(deterministic, device, monkeypatch):
-    # Fused: one kernel adds dq into an fp32 accumulator with atomics (the 5 products once);
-    # recompute (always when deterministic): the dK/dV kernel, then the dQ kernel (a fixed
-    # summation order).
-    launched = record_launches(
-        monkeypatch, attention_module, ("_attn_bwd_fused", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_dq_out_kernel")
-    )
+@pytest.mark.parametrize("choice", ["", "fused", "recompute"])
+def test_backward_path_follows_torch_determinism_and_the_env(deterministic, choice, device, monkeypatch):
+    # Fused: one kernel adds dq into fp32 sums with atomics (the 5 products once), its last
+    # program writing dq; recompute (always when deterministic, or when the env asks):
+    # the dK/dV kernel, then the dQ kernel (a fixed summation order).
+    monkeypatch.setenv(attention_module.BACKWARD_ENV, choice)
+    launched = record_launches(monkeypatch, attention_module, ("_attn_bwd_fused", "_attn_bwd_dkdv", "_attn_bwd_dq"))
     inputs = {k: v.requires_grad_() for k, v in _qkv(1, 2, 40, 40, 16, F32, device).items()}
     with deterministic_algorithms(deterministic, device):
         flash_attention(**inputs, backend="triton").sum().backward()
-    capability = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else None
-    fused = not deterministic and attention_module.fused_backward_pays(capability, 40)
-    expected = ["_attn_bwd_fused", "_attn_bwd_dq_out_kernel"] if fused else ["_attn_bwd_dkdv", "_attn_bwd_dq"]
-    assert launched == expected
+    fused = not deterministic and choice != "recompute"
+    assert launched == (["_attn_bwd_fused"] if fused else ["_attn_bwd_dkdv", "_attn_bwd_dq"])
+
+
+def _workspace(device):
+    return attention_module._DQ_WORKSPACES.get((device, torch.cuda.current_stream(device).cuda_stream
+                                                if device.type == "cuda" else None))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["batch", "packed"])
+def test_fused_backward_leaves_its_workspace_zero_and_reuses_it(packed, device, monkeypatch):
+    # The last program of each (sequence, key/value head) zeroes the sums and the count it
+    # used: a second call (smaller, then larger: the workspace grows) starts from zeros.
+    monkeypatch.setattr(attention_module, "_DQ_WORKSPACES", {})
+    calls = [(3, 6, 3, 45, 61, 48), (1, 2, 1, 17, 17, 16), (2, 8, 2, 70, 70, 64)]
+    for i, (b, h, h_kv, tq, tk, d) in enumerate(calls):
+        options = {}
+        if packed:  # b sequences, the last one shorter, one of them with no keys
+            lengths_q, lengths_k = [tq] * (b - 1) + [tq // 3], [tk] * (b - 1) + [0 if b > 2 else tk // 2]
+            options = _packed_options(lengths_q, lengths_k, device)
+            b, tq, tk = 1, sum(lengths_q), sum(lengths_k)
+        leaves = {k: v.requires_grad_() for k, v in _qkv(b, h, tq, tk, d, F32, device, seed=i, h_kv=h_kv).items()}
+        out = flash_attention(**leaves, **options, backend="triton")
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        features = {k: options[k] for k in ("cu_seqlens_q", "cu_seqlens_k") if k in options}
+        expected = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
+        reference.attention(**expected, causal=True, **features).backward(grad.double())
+        for name in ("q", "k", "v"):
+            torch.testing.assert_close(leaves[name].grad.double(), expected[name].grad, rtol=1e-4, atol=1e-4)
+        sums, counts = _workspace(device)
+        assert sums.numel() >= b * h * tq * 64 and counts.numel() >= (len(lengths_q) if packed else b) * h_kv
+        assert not sums.any() and not counts.any(), f"call {i} left its workspace non-zero"
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_fused_backward_orders_its_sums_before_the_last_programs_read(arch):
+    """The memory ordering the interpreter cannot exercise (it runs programs one after
+    another), read from the SASS of the build training runs: every thread's additions,
+    then a CTA barrier, then the count's increment between a gpu-scope fence (release) and
+    an L1 invalidation (acquire), a barrier, and the sums read past L1."""
+    opcodes = sass_opcodes("attention", "bwd-fused", "_attn_bwd_dkdv_kernel", arch, {"HAS_DROPOUT": False})
+    count = next(i for i, op in enumerate(opcodes) if op.startswith("ATOMG.E.ADD"))
+    last_addition = max(i for i, op in enumerate(opcodes) if op.split(".")[0] in ("RED", "REDG"))
+    assert last_addition < count
+    assert any(op.startswith("BAR.SYNC") for op in opcodes[last_addition:count])
+    assert "MEMBAR.ALL.GPU" in opcodes[count - 3:count] and opcodes[count + 1] == "CCTL.IVALL"
+    after = opcodes[count + 1:]
+    first_read = next(i for i, op in enumerate(after) if op.startswith("LDG.E"))
+    assert any(op.startswith("BAR.SYNC") for op in after[:first_read])
+    reads = [op for op in after if op.startswith("LDG.E")]
+    assert reads and all("STRONG.GPU" in op for op in reads)
 
 
 def test_backward_env_choice_is_checked(device, monkeypatch):
@@ -656,14 +698,13 @@ def test_compile_report_covers_every_config(report_rows):
     from fusedgpt.kernels.compile_report import DTYPES
 
     expected = {
-        (v.kernel.__name__, str(v.config), arch)
+        (v.pass_, v.kernel.__name__, str(v.config), arch)
         for name in DTYPES for v in attention_module.aot_variants(DTYPES[name]) for arch in v.archs or ("sm_80", "sm_90")
     }
-    seen = {(r["kernel"], str({"dtype": r["dtype"], **r["config"]}), r["arch"]) for r in report_rows}
+    seen = {(r["pass"], r["kernel"], str({"dtype": r["dtype"], **r["config"]}), r["arch"]) for r in report_rows}
     assert seen == expected and len(report_rows) == len(expected)
     kernels = {r["kernel"] for r in report_rows}
-    assert kernels == {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_delta_kernel",
-                       "_attn_bwd_dq_out_kernel"}
+    assert kernels == {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_delta_kernel"}
     # Both backwards: the dK/dV kernel with and without dQ's accumulation.
     assert {r["config"]["ACCUMULATE_DQ"] for r in report_rows if r["kernel"] == "_attn_bwd_dkdv_kernel"} == {True, False}
 
@@ -676,7 +717,7 @@ def test_compile_report_is_healthy_with_tensor_cores(report_rows):
         where = (row["kernel"], row["dtype"], row["arch"], row["config"])
         assert row["spill_bytes"] == 0 and 0 < row["registers"] <= 255, where
         assert row["shared_bytes"] <= row["shared_limit"], where
-        if row["kernel"] in ("_attn_bwd_delta_kernel", "_attn_bwd_dq_out_kernel"):  # no matmul
+        if row["kernel"] == "_attn_bwd_delta_kernel":  # no matmul
             continue
         if row["dtype"] in ("float16", "bfloat16"):
             tensor_cores = row["hmma"] if row["arch"] == "sm_80" else row["hgmma"]
@@ -692,6 +733,26 @@ def test_compile_report_is_healthy_with_tensor_cores(report_rows):
 @pytest.mark.parametrize("tq, tk, d, causal", [(257, 257, 128, True), (77, 77, 48, False), (5, 77, 80, True)])
 def test_bf16_parity_gpu(tq, tk, d, causal):
     assert_parity(_kernel(causal=causal), _oracle(causal), _qkv(2, 3, tq, tk, d, torch.bfloat16, "cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h_kv", [16, 4], ids=["mha", "gqa4"])
+def test_fused_backward_dq_under_concurrent_programs_gpu(h_kv):
+    """What the interpreter cannot show: the last program of each (batch, key/value head)
+    reads complete sums while the others still run. Over repeated calls on a busy grid,
+    the fused dq agrees with the recompute backward's, and the workspace is left zero."""
+    device = torch.device("cuda")
+    inputs = _qkv(4, 16, 2048, 2048, 64, torch.bfloat16, device, h_kv=h_kv)
+    o, lse = attention_module.flash_attention_forward(*inputs.values(), True, 0.125, 0.0, 0)
+    do = torch.randn_like(o)
+    args = (do, *inputs.values(), o, lse, True, 0.125, 0.0, 0)
+    expected = attention_module.flash_attention_backward(*args, fused=False)
+    for _ in range(20):
+        got = attention_module.flash_attention_backward(*args, fused=True)
+        for name, a, b in zip("qkv", got, expected):
+            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, msg=f"d{name}")
+    sums, counts = _workspace(device)
+    assert not sums.any() and not counts.any()
 
 
 @pytest.mark.gpu

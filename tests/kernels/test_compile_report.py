@@ -198,6 +198,20 @@ def test_sass_reading():
     assert sequence["insts_per_unit"] == pytest.approx(9 * 4 / 64, abs=1e-3) and sequence["exp_ftz"] is False
 
 
+def test_atomics_are_memory_instructions_on_both_architectures():
+    # sm_80 writes a reduction without a return value as RED, sm_90 as REDG.
+    sass = """
+        /*0000*/                   RED.E.ADD.F32.FTZ.RN.STRONG.GPU [R2.64], R5 ;
+        /*0010*/                   REDG.E.ADD.F32.FTZ.RN.STRONG.GPU desc[UR8][R2.64], R5 ;
+        /*0020*/                   REDG.E.ADD.F32x4.FTZ.RN.STRONG.GPU desc[UR24][R138.64], R104 ;
+        /*0030*/                   ATOMG.E.ADD.STRONG.GPU PT, R0, desc[UR8][R4.64], R7 ;
+        /*0040*/                   EXIT ;
+"""
+    section = report.read_section(report.parse_sass(sass))
+    assert section["memory"] == {"RED.32": 1, "REDG.32": 1, "REDG.128": 1, "ATOMG.32": 1}
+    assert section["memory_bytes"] == (3 * 32 + 128) * 32 / 8
+
+
 def test_loops_on_different_tiles_are_normalised_each_by_its_own():
     # Two loops: a masked one doing 32 units per iteration, a main one doing 64.
     work = report.Work("thing", per_iteration=(32, 64), min_bytes=1.0, loops=("masked", "main"))
