@@ -386,7 +386,7 @@ def attention_kernel_bytes(record: dict) -> int:
         queries_seen = sum(t - start // block_m * block_m for start in range(0, t, block_n))
         dkdv = 2 * t * row + queries_seen * (2 * row + 8 + sums_row) + 2 * t * row
         dq = t * (2 * sums_row + row)
-    per_head = delta + dkdv + dq
+        per_head = delta + dkdv + dq
     return b * h * per_head
 
 

@@ -677,10 +677,12 @@ def _config(block_m: int, block_n: int, num_warps: int, num_stages: int, maxnreg
 # config where it wins at every length or registers leave room for no other. At D=128,
 # 8 warps over a 64-key dK/dV block leave two warp groups computing the same S^T and dP^T;
 # 128 keys (16 rows per warp) split them, at 16 queries a step to stay within registers.
-# The fused backward holds dQ's product too: 32 x 64 with 4 warps (both architectures, no
-# duplicated product) and 32 x 128 with 8 (sm_90) at D=64; at D=128, 16 x 64 with 4 warps,
-# single-stage, sm_90's best build without a spill (sm_80 has its own list below: there
-# these warps would compute some products twice).
+# The fused backward holds dQ's product and its atomic additions too: 32 x 64 with 4 warps
+# (both architectures, no duplicated product) and 32 x 128 with 8 (sm_90) at D=64; at
+# D=128 128 keys with 8 warps — 32 queries a step without dropout, single-stage (fewest
+# instructions without a spill on sm_90, and half the additions per pair of a 64-key
+# block, whose atomics made it L2-bound), 16 with dropout, whose 16 x 64 w4 build spilled
+# (sm_80 has its own list below: there these warps would compute some products twice).
 _D64_DROPOUT = {
     "fwd": [_config(64, 32, 4, 2), _config(128, 64, 8, 3)],
     "bwd": [_config(32, 64, 4, 2), _config(32, 128, 8, 2)],
@@ -689,7 +691,7 @@ _D64_DROPOUT = {
 }
 _D128_DROPOUT = {
     "fwd": [_config(64, 32, 4, 3), _config(128, 64, 8, 3)],
-    "bwd": [_config(16, 64, 4, 1)],
+    "bwd": [_config(16, 128, 8, 2)],
     "dkdv": [_config(16, 128, 8, 2)],
     "dq": [_config(64, 32, 4, 3)],
 }
@@ -702,12 +704,12 @@ HALF_CONFIGS = {  # (head-dim block, dropout) -> kind -> configs
     # One dQ config: 128x32 w8 costs fewer instructions per pair than 64x32 w4 at any
     # length, and with every feature on (grouped-query, window, soft-cap, packed) builds
     # without the 64x32 build's spill on sm_80; with dropout it spills, 64x32 does not.
-    (128, False): {**_D128_DROPOUT, "dq": [_config(128, 32, 8, 2)]},
+    (128, False): {**_D128_DROPOUT, "bwd": [_config(32, 128, 8, 1)], "dq": [_config(128, 32, 8, 2)]},
 }
 # Per architecture (compute capability major), where one list cannot serve both, because
 # the better build spills on the other: the fused backward at D=128 on sm_80, whose 64 x 64
-# tiles over 8 warps split every product between the warps (MMA redundancy 1.00, against
-# 1.40 for the shared list's 16 x 64); the forward at D=128 on sm_90, whose 128 x 128 tiles
+# tiles over 8 warps split every product between the warps (MMA redundancy 1.00; the
+# shared lists' builds spill there); the forward at D=128 on sm_90, whose 128 x 128 tiles
 # issue 295 instructions per 1K pairs against 381 for 128 x 64 (both at the tensor cores'
 # bound in the model).
 ARCH_HALF_CONFIGS = {  # (capability major, head-dim block, dropout) -> kind -> configs
