@@ -4,6 +4,7 @@ input, saved-tensor accounting, configs and the compile report, dispatch and bad
 
 import itertools
 import math
+import random
 import re
 
 import pytest
@@ -337,30 +338,77 @@ def _workspace(device):
                                                 if device.type == "cuda" else None))
 
 
+def _fused_backward_against_reference(shape, device, packed=False, seed=0, **options):
+    """Run the fused backward on (B, H, H_kv, Tq, Tk, D) — packed: B sequences, the last
+    shorter and, from three on, without keys — check q, k, v's gradients against the
+    float64 reference and that the workspace is left zero; returns that workspace."""
+    b, h, h_kv, tq, tk, d = shape
+    sequences = b
+    if packed:
+        lengths_q, lengths_k = [tq] * (b - 1) + [tq // 3], [tk] * (b - 1) + [0 if b > 2 else tk // 2]
+        options.update(_packed_options(lengths_q, lengths_k, device))
+        b, tq, tk = 1, sum(lengths_q), sum(lengths_k)
+    leaves = {k: v.requires_grad_() for k, v in _qkv(b, h, tq, tk, d, F32, device, seed=seed, h_kv=h_kv).items()}
+    with deterministic_algorithms(False, device):
+        out = flash_attention(**leaves, **options, backend="triton")
+        grad = torch.randn_like(out)
+        out.backward(grad)
+    expected = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
+    oracle_options = {k: v for k, v in options.items() if not k.startswith("max_seqlen")}
+    reference.attention(**expected, **oracle_options).backward(grad.double())
+    for name in ("q", "k", "v"):
+        torch.testing.assert_close(leaves[name].grad.double(), expected[name].grad, rtol=1e-4, atol=1e-4)
+    sums, counts = _workspace(device)
+    assert sums.numel() >= b * h * tq * 64 and counts.numel() >= sequences * h_kv
+    assert not sums.any() and not counts.any(), "the fused backward left its workspace non-zero"
+    return sums, counts
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["batch", "packed"])
 def test_fused_backward_leaves_its_workspace_zero_and_reuses_it(packed, device, monkeypatch):
     # The last program of each (sequence, key/value head) zeroes the sums and the count it
     # used: a second call (smaller, then larger: the workspace grows) starts from zeros.
     monkeypatch.setattr(attention_module, "_DQ_WORKSPACES", {})
-    calls = [(3, 6, 3, 45, 61, 48), (1, 2, 1, 17, 17, 16), (2, 8, 2, 70, 70, 64)]
-    for i, (b, h, h_kv, tq, tk, d) in enumerate(calls):
-        options = {}
-        if packed:  # b sequences, the last one shorter, one of them with no keys
-            lengths_q, lengths_k = [tq] * (b - 1) + [tq // 3], [tk] * (b - 1) + [0 if b > 2 else tk // 2]
-            options = _packed_options(lengths_q, lengths_k, device)
-            b, tq, tk = 1, sum(lengths_q), sum(lengths_k)
-        leaves = {k: v.requires_grad_() for k, v in _qkv(b, h, tq, tk, d, F32, device, seed=i, h_kv=h_kv).items()}
-        out = flash_attention(**leaves, **options, backend="triton")
-        grad = torch.randn_like(out)
-        out.backward(grad)
-        features = {k: options[k] for k in ("cu_seqlens_q", "cu_seqlens_k") if k in options}
-        expected = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
-        reference.attention(**expected, causal=True, **features).backward(grad.double())
-        for name in ("q", "k", "v"):
-            torch.testing.assert_close(leaves[name].grad.double(), expected[name].grad, rtol=1e-4, atol=1e-4)
-        sums, counts = _workspace(device)
-        assert sums.numel() >= b * h * tq * 64 and counts.numel() >= (len(lengths_q) if packed else b) * h_kv
-        assert not sums.any() and not counts.any(), f"call {i} left its workspace non-zero"
+    sizes = []
+    for seed, shape in enumerate([(3, 6, 3, 45, 61, 48), (1, 2, 1, 17, 17, 16), (2, 8, 2, 70, 70, 64)]):
+        sums, counts = _fused_backward_against_reference(shape, device, packed, seed, causal=True)
+        sizes.append(sums.numel())
+    assert sizes[1] == sizes[0] < sizes[2]  # kept, then grown
+
+
+def _programs_run_in(order, monkeypatch) -> list:
+    """Make the interpreter run a grid's programs in ``order`` ("reversed" or "shuffled",
+    per grid axis) instead of ascending: it keeps its loops and we permute the program ids
+    each step hands out. Returns a list that records each permuted grid."""
+    from triton.runtime import interpreter
+
+    builder, generator, permuted = interpreter.interpreter_builder, random.Random(1), []
+    set_grid_dim, set_grid_idx = builder.set_grid_dim, builder.set_grid_idx
+
+    def grid_dim(*dims):
+        permuted.append([list(range(n))[::-1] if order == "reversed" else generator.sample(range(n), n) for n in dims])
+        set_grid_dim(*dims)
+
+    def grid_idx(*index):
+        set_grid_idx(*(axis[i] for axis, i in zip(permuted[-1], index)))
+
+    monkeypatch.setattr(builder, "set_grid_dim", grid_dim)
+    monkeypatch.setattr(builder, "set_grid_idx", grid_idx)
+    return permuted
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="orders the interpreter's programs (a GPU runs them at once: "
+                    "see test_fused_backward_dq_under_concurrent_programs_gpu)")
+@pytest.mark.parametrize("order", ["reversed", "shuffled"])
+def test_fused_backward_is_right_whichever_program_finishes_last(order, monkeypatch):
+    # In ascending order the last program of a pair is its last key block; here it is the
+    # first (reversed) or any (shuffled) — the one that sees the most queries under causal.
+    monkeypatch.setattr(attention_module, "_DQ_WORKSPACES", {})
+    permuted = _programs_run_in(order, monkeypatch)
+    device = torch.device("cpu")
+    _fused_backward_against_reference((2, 4, 2, 77, 77, 48), device, causal=True)
+    _fused_backward_against_reference((3, 4, 1, 40, 52, 64), device, packed=True, causal=True, window=9)
+    assert any(axis != sorted(axis) for grid in permuted for axis in grid)
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
