@@ -277,7 +277,7 @@ ATTENTION = OpBench(
     },
     make=_attention_make,
     providers={
-        "fusedgpt": _attention_fused, "fusedgpt-fused-bwd": _attention_fused_with("fused"),
+        "fusedgpt": _attention_fused,  # its default backward: the fused one
         "fusedgpt-recompute-bwd": _attention_fused_with("recompute"), "eager": _attention_eager,
         "compile": _attention_eager,
         "sdpa-flash": _sdpa("FLASH_ATTENTION"), "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),

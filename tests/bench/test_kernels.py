@@ -47,7 +47,7 @@ def test_attention_providers_time_each_backward_and_leave_the_environment_as_it_
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv(attention.BACKWARD_ENV, raising=False)
     launched = record_launches(monkeypatch, attention, ("_attn_bwd_fused", "_attn_bwd_dq"))
-    providers = {p: kernels.ATTENTION.providers[p] for p in ("fusedgpt-fused-bwd", "fusedgpt-recompute-bwd")}
+    providers = {p: kernels.ATTENTION.providers[p] for p in ("fusedgpt", "fusedgpt-recompute-bwd")}
     op = kernels.OpBench(shapes={"one": [(1, 2, 17, 16)]}, make=kernels.ATTENTION.make, providers=providers,
                          reference=kernels.ATTENTION.reference, work=kernels.ATTENTION.work)
     rows = kernels.run_op("attention", op, "one", torch.float32, "bwd", torch.device("cpu"), smoke=True)
