@@ -333,9 +333,11 @@ def test_backward_path_follows_torch_determinism_and_the_env(deterministic, choi
     assert launched == (["_attn_bwd_fused"] if fused else ["_attn_bwd_dkdv", "_attn_bwd_dq"])
 
 
-def _workspace(device):
-    return attention_module._DQ_WORKSPACES.get((device, torch.cuda.current_stream(device).cuda_stream
-                                                if device.type == "cuda" else None))
+def _workspace(tensor):
+    """The fused backward's workspace for ``tensor``'s device and the current stream."""
+    device = tensor.device
+    return attention_module._DQ_WORKSPACES[device, torch.cuda.current_stream(device).cuda_stream
+                                           if device.type == "cuda" else None]
 
 
 def _fused_backward_against_reference(shape, device, packed=False, seed=0, **options):
@@ -358,7 +360,7 @@ def _fused_backward_against_reference(shape, device, packed=False, seed=0, **opt
     reference.attention(**expected, **oracle_options).backward(grad.double())
     for name in ("q", "k", "v"):
         torch.testing.assert_close(leaves[name].grad.double(), expected[name].grad, rtol=1e-4, atol=1e-4)
-    sums, counts = _workspace(device)
+    sums, counts = _workspace(leaves["q"])
     assert sums.numel() >= b * h * tq * 64 and counts.numel() >= sequences * h_kv
     assert not sums.any() and not counts.any(), "the fused backward left its workspace non-zero"
     return sums, counts
@@ -799,7 +801,7 @@ def test_fused_backward_dq_under_concurrent_programs_gpu(h_kv):
         got = attention_module.flash_attention_backward(*args, fused=True)
         for name, a, b in zip("qkv", got, expected):
             torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, msg=f"d{name}")
-    sums, counts = _workspace(device)
+    sums, counts = _workspace(inputs["q"])
     assert not sums.any() and not counts.any()
 
 
