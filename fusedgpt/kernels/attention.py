@@ -79,8 +79,7 @@ IO per (batch, head): the forward reads Q once and K, V once per query block, an
 and L. The backward reads O and dO once (delta); the dK/dV kernel reads K, V once and Q,
 dO once per key block and query head of the group, adds into the T x D fp32 dQ sums once
 per key block (in L2), and its last program reads the sums and writes dQ. The recompute
-backward's dQ kernel instead reads Q, dO once and K, V once
-per query block.
+backward's dQ kernel instead reads Q, dO once and K, V once per query block.
 """
 
 from __future__ import annotations
@@ -397,8 +396,7 @@ def _attn_bwd_delta_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     o = _load_rows(O, start_m, stride_ot, Tq, offs_d, D, BLOCK_M).to(tl.float32)
     do = _load_rows(DO, start_m, stride_dot, Tq, offs_d, D, BLOCK_M).to(tl.float32)
-    row = (b * H + h).to(tl.int64) * Tq + offs_m
-    tl.store(DELTA + row, tl.sum(o * do, 1), mask=offs_m < Tq)
+    tl.store(DELTA + (b * H + h).to(tl.int64) * Tq + offs_m, tl.sum(o * do, 1), mask=offs_m < Tq)
 
 
 @triton.jit
@@ -1376,8 +1374,8 @@ def aot_variants(dtype: torch.dtype, workload=None) -> list:
     launchers on meta tensors laid out as the model's (q, k, v split from one projection,
     grouped-query where the workload has fewer key/value heads; o and dO (B, T, H, D)),
     causal, with dropout off and on: the forward; the fused backward (pass "bwd-fused":
-    the delta preprocess, the dK/dV/dQ kernel, dQ's scaling) and the recompute backward
-    (pass "bwd-recompute": delta, dK/dV, dQ); each autotune config the pruner keeps. For a workload with
+    the delta preprocess, the dK/dV/dQ kernel) and the recompute backward (pass
+    "bwd-recompute": delta, dK/dV, dQ); each autotune config the pruner keeps. For a workload with
     ``attention_features``, also the builds a user can launch at its shapes: a sliding
     window, soft-capping, the B sequences packed (``cu_seqlens``), and all three at once."""
     import sys

@@ -595,12 +595,23 @@ def cubin_contents(cubin: bytes) -> tuple[dict, str]:
         return _resource_usage(cubin_path), sass
 
 
-def compile_variant(variant: KernelVariant, arch: str) -> dict:
-    """Compile one variant for one architecture and describe the result."""
+def compile_specialised(specialised: tuple, variant: KernelVariant, arch: str) -> Any:
+    """Compile ``specialise(variant, arch)``'s result for ``arch`` with the variant's launch
+    options: the compiled kernel (``.asm["cubin"]``, ``.metadata``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    fn, signature, constexprs, attrs, _ = specialised
+    return triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+        target=GPUTarget("cuda", ARCHS[arch]["cc"], 32),
+        options={"num_warps": variant.num_warps, "num_stages": variant.num_stages, **variant.options},
+    )
+
+
+def compile_variant(variant: KernelVariant, arch: str) -> dict:
+    """Compile one variant for one architecture and describe the result."""
     limits = ARCHS[arch]
     row = {
         "op": variant.op,
@@ -616,15 +627,12 @@ def compile_variant(variant: KernelVariant, arch: str) -> dict:
         "shared_limit": limits["shared_limit"],
     }
     try:
-        fn, signature, constexprs, attrs, _ = specialise(variant, arch)
+        specialised = specialise(variant, arch)
+        fn, signature, _, attrs, _ = specialised
         names = list(signature)
         row["divisible_16"] = [names[path[0]] for path, attr in attrs.items() if ["tt.divisibility", 16] in attr]
         row["equal_to_1"] = [p.name for p in fn.params if not p.is_constexpr and signature[p.name] == "constexpr"]
-        compiled = triton.compile(
-            ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-            target=GPUTarget("cuda", limits["cc"], 32),
-            options={"num_warps": variant.num_warps, "num_stages": variant.num_stages, **variant.options},
-        )
+        compiled = compile_specialised(specialised, variant, arch)
     except Exception as exc:  # an out-of-resources config is a finding, not a crash
         return {**row, "error": _error_line(exc)}
     usage, sass = cubin_contents(compiled.asm["cubin"])

@@ -20,10 +20,6 @@ def opcodes(op: str, pass_: str, kernel: str, arch: str, config: dict) -> list[s
 
 
 def main(op: str, pass_: str, kernel: str, arch: str, config: str = "{}") -> None:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from fusedgpt.kernels import compile_report as cr
 
     wanted = json.loads(config)
@@ -32,11 +28,7 @@ def main(op: str, pass_: str, kernel: str, arch: str, config: str = "{}") -> Non
         if v.pass_ == pass_ and cr.python_function(v.kernel).__name__ == kernel and (not v.archs or arch in v.archs)
         and all(v.config.get(name) == value for name, value in wanted.items())
     )
-    fn, signature, constexprs, attrs, _ = cr.specialise(variant, arch)
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                              target=GPUTarget("cuda", cr.ARCHS[arch]["cc"], 32),
-                              options={"num_warps": variant.num_warps, "num_stages": variant.num_stages,
-                                       **variant.options})
+    compiled = cr.compile_specialised(cr.specialise(variant, arch), variant, arch)
     sass = cr.cubin_contents(compiled.asm["cubin"])[1]
     print(json.dumps([opcode for _, opcode, _ in cr.parse_sass(sass)]))
 
